@@ -1,0 +1,58 @@
+"""Test-suite plumbing for the kTLS marker and the kernel matrix.
+
+- Tests marked ``ktls`` need a kernel with kTLS. Where the probe says there is none (this
+  project's development hosts), they are skipped with the probe's reason.
+- Inside a kernel guest (``TRIO_KTLS_GUEST_KERNEL`` is set by the kernel lab), a skipped
+  ``ktls`` test is a failure: the guest run exists to prove those tests ran.
+- Every run records the kernel release in the junit report, so the matrix shows which
+  kernel each result came from.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Generator
+from typing import Callable
+
+import pytest
+
+import trio_ktls
+
+GUEST_KERNEL = os.environ.get("TRIO_KTLS_GUEST_KERNEL")
+
+
+@functools.cache
+def kernel_probe() -> trio_ktls.ProbeResult:
+    return trio_ktls.probe()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    result = kernel_probe()
+    if result.available:
+        return
+    skip = pytest.mark.skip(reason=f"no kTLS on this kernel: {result.reason}")
+    for item in items:
+        if "ktls" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if GUEST_KERNEL and report.skipped and "ktls" in item.keywords:
+        report.outcome = "failed"
+        report.longrepr = (
+            f"a kTLS test was skipped inside the {GUEST_KERNEL} kernel guest, where it must "
+            f"run: {report.longrepr}"
+        )
+    return report
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _record_kernel(record_testsuite_property: Callable[[str, object], None]) -> None:
+    record_testsuite_property("kernel_release", os.uname().release)
+    record_testsuite_property("guest_kernel_label", GUEST_KERNEL or "host")
+    record_testsuite_property("ktls_available", kernel_probe().available)

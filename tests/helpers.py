@@ -1,0 +1,64 @@
+"""Shared test helpers: a trustme CA, TLS contexts, connected TCP pairs."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Awaitable, Callable
+
+import trio
+import trustme
+
+from trio_ktls import KTLSMode, KTLSStream
+
+CA = trustme.CA()
+SERVER_CERT = CA.issue_cert("trio-ktls.example", "127.0.0.1")
+HOSTNAME = "trio-ktls.example"
+
+TLS_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def server_context(version: str, *, ciphers: str | None = None) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    SERVER_CERT.configure_cert(ctx)
+    ctx.minimum_version = ctx.maximum_version = TLS_VERSIONS[version]
+    if ciphers:
+        ctx.set_ciphers(ciphers)
+    return ctx
+
+
+def client_context(version: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    CA.configure_trust(ctx)
+    ctx.minimum_version = ctx.maximum_version = TLS_VERSIONS[version]
+    return ctx
+
+
+async def tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    listener = listeners[0]
+    port = listener.socket.getsockname()[1]
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    server = await listener.accept()
+    await listener.aclose()
+    return client, server
+
+
+StreamMaker = Callable[[], Awaitable[tuple[trio.abc.Stream, trio.abc.Stream]]]
+
+
+def ktls_pair_maker(
+    nursery: trio.Nursery, version: str, ktls: KTLSMode, *, handshake: bool = True
+) -> Callable[[], Awaitable[tuple[KTLSStream, KTLSStream]]]:
+    async def make() -> tuple[KTLSStream, KTLSStream]:
+        client_tcp, server_tcp = await tcp_pair()
+        client = KTLSStream(client_tcp, client_context(version), nursery=nursery,
+                            server_hostname=HOSTNAME, ktls=ktls)
+        server = KTLSStream(server_tcp, server_context(version), nursery=nursery,
+                            server_side=True, ktls=ktls)
+        if handshake:
+            async with trio.open_nursery() as hs:
+                hs.start_soon(client.do_handshake)
+                hs.start_soon(server.do_handshake)
+        return client, server
+
+    return make

@@ -1,0 +1,105 @@
+"""The capability probe: on every host (never raises, explains itself) and in each kernel
+guest (what that kernel line must show)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import subprocess
+import sys
+
+import pytest
+
+import trio_ktls
+from trio_ktls import _probe
+from trio_ktls._kernel import KernelCipher, TLSVersion
+
+from .conftest import GUEST_KERNEL, kernel_probe
+
+
+def test_probe_always_answers() -> None:
+    result = kernel_probe()
+    assert result.kernel_release
+    assert result.reason
+    if not result.available:
+        assert not any(c.tx or c.rx for c in result.ciphers)
+        assert result.tls13_tx_rekey is None
+
+
+def test_cli_probe_json_exits_zero() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "trio_ktls", "probe", "--json"],
+        capture_output=True, text=True, check=False, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["available"] == kernel_probe().available
+    assert data["kernel_release"] == kernel_probe().kernel_release
+
+
+def test_cli_probe_text_states_the_reason() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "trio_ktls", "probe"],
+        capture_output=True, text=True, check=True, timeout=120,
+    )
+    assert kernel_probe().reason in proc.stdout
+    assert "kTLS available: " in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("config", "installed", "expected"),
+    [
+        ("n", False, "built without kTLS (CONFIG_TLS is not set)"),
+        ("m", True, "not loaded"),
+        ("m", False, "tls.ko is not installed"),
+        (None, False, "neither loaded nor installed"),
+    ],
+)
+def test_missing_module_reasons(
+    monkeypatch: pytest.MonkeyPatch, config: str | None, installed: bool, expected: str
+) -> None:
+    monkeypatch.setattr(_probe, "kernel_config_value", lambda name: config)
+    monkeypatch.setattr(_probe, "tls_module_installed", lambda: installed)
+    assert expected in _probe.ulp_error_reason(OSError(errno.ENOENT, "No such file"))
+
+
+def test_other_ulp_errors_are_explained() -> None:
+    assert "not permitted" in _probe.ulp_error_reason(OSError(errno.EPERM, "x"))
+    assert "not a connected TCP socket" in _probe.ulp_error_reason(OSError(errno.ENOTCONN, "x"))
+
+
+def test_read_tls_stat_parses_counters(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    stat = tmp_path / "tls_stat"
+    stat.write_text("TlsCurrTxSw                     \t3\nTlsTxRekeyOk 7\n")
+    monkeypatch.setattr(_probe, "_TLS_STAT", stat)
+    assert _probe.read_tls_stat() == {"TlsCurrTxSw": 3, "TlsTxRekeyOk": 7}
+
+
+# What each kernel line of the matrix must show (tls.rst; rekey arrived in 6.14).
+_REKEY_BY_LINE = {"6.1": False, "6.12": False, "6.18": True, "7": True}
+
+
+@pytest.mark.ktls
+def test_kernel_line_capabilities() -> None:
+    result = kernel_probe()
+    print(result.format())
+    assert result.available, result.reason
+    for version in TLSVersion:
+        for cipher in (KernelCipher.AES_GCM_128, KernelCipher.AES_GCM_256,
+                       KernelCipher.CHACHA20_POLY1305):
+            assert result.supports(version, cipher), (version, cipher, result.ciphers)
+    assert result.tls_stat.get("TlsCurrTxSw", -1) >= 0
+    if GUEST_KERNEL is None:
+        return
+    line = GUEST_KERNEL
+    assert result.kernel_release.startswith(f"{line}."), (line, result.kernel_release)
+    expect = _REKEY_BY_LINE[line]
+    assert result.tls13_tx_rekey is expect, result.rekey_error
+    assert result.tls13_rx_rekey is expect, result.rekey_error
+    if expect:
+        assert result.tls_stat["TlsTxRekeyOk"] >= 1
+        assert result.tls_stat["TlsRxRekeyOk"] >= 1
+
+
+def test_public_names() -> None:
+    assert trio_ktls.probe is _probe.probe

@@ -1,0 +1,160 @@
+"""KTLSStream: trio's stream conformance suites, the handoff, close semantics, fallback.
+
+Tests marked ``ktls`` run in the kernel matrix and insist that both directions really
+were offloaded; unmarked ones run everywhere (on the host, in user space).
+"""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+import trio
+import trio.testing
+
+import trio_ktls
+from trio_ktls import KTLSStream, KTLSUnavailableError
+
+from .conftest import kernel_probe
+from .helpers import (
+    HOSTNAME,
+    client_context,
+    ktls_pair_maker,
+    server_context,
+    tcp_pair,
+)
+
+VERSIONS = ["TLSv1.2", "TLSv1.3"]
+MODES = [pytest.param("off", id="user-space"), pytest.param("require", marks=pytest.mark.ktls)]
+
+
+def assert_offloaded(stream: KTLSStream, mode: str) -> None:
+    info = stream.ktls_info
+    assert info is not None
+    if mode == "require":
+        assert info.tx_offload and info.rx_offload, info
+        assert info.reason is None
+    else:
+        assert not info.tx_offload and not info.rx_offload
+        assert info.reason
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("mode", MODES)
+async def test_two_way_conformance(version: str, mode: trio_ktls.KTLSMode) -> None:
+    async with trio.open_nursery() as nursery:
+        make = ktls_pair_maker(nursery, version, mode)
+
+        async def checked() -> tuple[KTLSStream, KTLSStream]:
+            client, server = await make()
+            assert_offloaded(client, mode)
+            assert_offloaded(server, mode)
+            return client, server
+
+        await trio.testing.check_two_way_stream(checked, None)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("mode", MODES)
+async def test_half_closeable_conformance(version: str, mode: trio_ktls.KTLSMode) -> None:
+    async with trio.open_nursery() as nursery:
+        await trio.testing.check_half_closeable_stream(ktls_pair_maker(nursery, version, mode), None)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("ktls_side", ["client", "server"])
+async def test_mixed_pair_with_trio_sslstream(
+    version: str, mode: trio_ktls.KTLSMode, ktls_side: str
+) -> None:
+    """One end trio_ktls, the other plain trio.SSLStream: they interoperate."""
+    async with trio.open_nursery() as nursery:
+
+        async def make() -> tuple[trio.abc.Stream, trio.abc.Stream]:
+            client_tcp, server_tcp = await tcp_pair()
+            if ktls_side == "client":
+                a: trio.abc.Stream = KTLSStream(
+                    client_tcp, client_context(version), nursery=nursery,
+                    server_hostname=HOSTNAME, ktls=mode,
+                )
+                b: trio.abc.Stream = trio.SSLStream(
+                    server_tcp, server_context(version), server_side=True
+                )
+            else:
+                a = trio.SSLStream(client_tcp, client_context(version), server_hostname=HOSTNAME)
+                b = KTLSStream(server_tcp, server_context(version), nursery=nursery,
+                               server_side=True, ktls=mode)
+            async with trio.open_nursery() as hs:
+                hs.start_soon(a.do_handshake)  # type: ignore[attr-defined]
+                hs.start_soon(b.do_handshake)  # type: ignore[attr-defined]
+            ktls_end = a if ktls_side == "client" else b
+            assert isinstance(ktls_end, KTLSStream)
+            assert_offloaded(ktls_end, mode)
+            return a, b
+
+        await trio.testing.check_two_way_stream(make, None)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_ktls_info_and_forwarded_attributes(version: str) -> None:
+    async with trio.open_nursery() as nursery:
+        client, server = await ktls_pair_maker(nursery, version, "auto", handshake=False)()
+        assert client.ktls_info is None
+        async with trio.open_nursery() as hs:
+            hs.start_soon(client.do_handshake)
+            hs.start_soon(server.do_handshake)
+        info = client.ktls_info
+        assert info is not None
+        assert info.version == version == client.version()
+        assert info.cipher == client.cipher()[0]
+        assert (info.key_updates_sent, info.key_updates_received) == (0, 0)
+        if kernel_probe().available:
+            assert info.tx_offload and info.rx_offload
+        else:
+            assert not info.tx_offload
+            assert info.reason == kernel_probe().reason
+        assert client.getpeercert()["subject"]
+        assert server.server_side and not client.server_side
+        await client.aclose()
+        await server.aclose()
+
+
+async def test_require_without_ktls_raises_with_reason() -> None:
+    probe = kernel_probe()
+    if probe.available:
+        pytest.skip("this kernel has kTLS; require cannot fail for lack of it")  # host-only
+    async with trio.open_nursery() as nursery:
+        client, server = await ktls_pair_maker(nursery, "TLSv1.3", "require", handshake=False)()
+        with pytest.raises(KTLSUnavailableError) as excinfo:
+            await client.do_handshake()
+        assert excinfo.value.reason == probe.reason
+        with pytest.raises(trio.BrokenResourceError):
+            await client.send_all(b"x")
+        await client.aclose()
+        await server.aclose()
+
+
+async def test_failed_verification_is_a_clear_ssl_error() -> None:
+    async with trio.open_nursery() as nursery:
+        client_tcp, server_tcp = await tcp_pair()
+        client = KTLSStream(client_tcp, client_context("TLSv1.3"), nursery=nursery,
+                            server_hostname="wrong.example")
+        server = KTLSStream(server_tcp, server_context("TLSv1.3"), nursery=nursery,
+                            server_side=True)
+        async def server_side() -> None:
+            with pytest.raises(trio.BrokenResourceError, match="alert bad certificate"):
+                await server.do_handshake()
+
+        nursery.start_soon(server_side)
+        with pytest.raises(trio.BrokenResourceError, match="Hostname mismatch") as excinfo:
+            await client.do_handshake()
+        assert isinstance(excinfo.value.__cause__, ssl.SSLCertVerificationError)
+        await client.aclose()
+        await server.aclose()
+
+
+async def test_wrong_transport_type_is_refused() -> None:
+    left, _ = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(TypeError, match="SocketStream"):
+            KTLSStream(left, client_context("TLSv1.3"), nursery=nursery)  # type: ignore[arg-type]
