@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Generator
-from typing import Callable
+from collections.abc import Callable, Generator
 
 import pytest
 

@@ -51,10 +51,16 @@ def ktls_pair_maker(
 ) -> Callable[[], Awaitable[tuple[KTLSStream, KTLSStream]]]:
     async def make() -> tuple[KTLSStream, KTLSStream]:
         client_tcp, server_tcp = await tcp_pair()
-        client = KTLSStream(client_tcp, client_context(version), nursery=nursery,
-                            server_hostname=HOSTNAME, ktls=ktls)
-        server = KTLSStream(server_tcp, server_context(version), nursery=nursery,
-                            server_side=True, ktls=ktls)
+        client = KTLSStream(
+            client_tcp,
+            client_context(version),
+            nursery=nursery,
+            server_hostname=HOSTNAME,
+            ktls=ktls,
+        )
+        server = KTLSStream(
+            server_tcp, server_context(version), nursery=nursery, server_side=True, ktls=ktls
+        )
         if handshake:
             async with trio.open_nursery() as hs:
                 hs.start_soon(client.do_handshake)

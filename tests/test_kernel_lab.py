@@ -236,3 +236,14 @@ def test_check_guest_junit_rejects_missing_and_stale_files(tmp_path: Path) -> No
     junit = _junit(tmp_path / "junit.xml", tests=3)
     with pytest.raises(LabError, match="earlier run"):
         kernel_lab.check_guest_junit(junit, not_before=junit.stat().st_mtime + 1)
+
+
+def test_cache_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("TRIO_KTLS_KERNEL_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert kernel_lab.cache_root() == tmp_path / ".cache/trio_ktls/kernels"
+    monkeypatch.setenv("XDG_CACHE_HOME", "/xdg")
+    assert kernel_lab.cache_root() == Path("/xdg/trio_ktls/kernels")
+    monkeypatch.setenv("TRIO_KTLS_KERNEL_CACHE", "/lab")
+    assert kernel_lab.cache_root() == Path("/lab/trio_ktls/kernels")

@@ -29,7 +29,10 @@ def test_probe_always_answers() -> None:
 def test_cli_probe_json_exits_zero() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "trio_ktls", "probe", "--json"],
-        capture_output=True, text=True, check=False, timeout=120,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
@@ -40,7 +43,10 @@ def test_cli_probe_json_exits_zero() -> None:
 def test_cli_probe_text_states_the_reason() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "trio_ktls", "probe"],
-        capture_output=True, text=True, check=True, timeout=120,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     )
     assert kernel_probe().reason in proc.stdout
     assert "kTLS available: " in proc.stdout
@@ -85,8 +91,11 @@ def test_kernel_line_capabilities() -> None:
     print(result.format())
     assert result.available, result.reason
     for version in TLSVersion:
-        for cipher in (KernelCipher.AES_GCM_128, KernelCipher.AES_GCM_256,
-                       KernelCipher.CHACHA20_POLY1305):
+        for cipher in (
+            KernelCipher.AES_GCM_128,
+            KernelCipher.AES_GCM_256,
+            KernelCipher.CHACHA20_POLY1305,
+        ):
             assert result.supports(version, cipher), (version, cipher, result.ciphers)
     assert result.tls_stat.get("TlsCurrTxSw", -1) >= 0
     if GUEST_KERNEL is None:

@@ -58,7 +58,9 @@ async def test_two_way_conformance(version: str, mode: trio_ktls.KTLSMode) -> No
 @pytest.mark.parametrize("mode", MODES)
 async def test_half_closeable_conformance(version: str, mode: trio_ktls.KTLSMode) -> None:
     async with trio.open_nursery() as nursery:
-        await trio.testing.check_half_closeable_stream(ktls_pair_maker(nursery, version, mode), None)
+        await trio.testing.check_half_closeable_stream(
+            ktls_pair_maker(nursery, version, mode), None
+        )
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -74,16 +76,24 @@ async def test_mixed_pair_with_trio_sslstream(
             client_tcp, server_tcp = await tcp_pair()
             if ktls_side == "client":
                 a: trio.abc.Stream = KTLSStream(
-                    client_tcp, client_context(version), nursery=nursery,
-                    server_hostname=HOSTNAME, ktls=mode,
+                    client_tcp,
+                    client_context(version),
+                    nursery=nursery,
+                    server_hostname=HOSTNAME,
+                    ktls=mode,
                 )
                 b: trio.abc.Stream = trio.SSLStream(
                     server_tcp, server_context(version), server_side=True
                 )
             else:
                 a = trio.SSLStream(client_tcp, client_context(version), server_hostname=HOSTNAME)
-                b = KTLSStream(server_tcp, server_context(version), nursery=nursery,
-                               server_side=True, ktls=mode)
+                b = KTLSStream(
+                    server_tcp,
+                    server_context(version),
+                    nursery=nursery,
+                    server_side=True,
+                    ktls=mode,
+                )
             async with trio.open_nursery() as hs:
                 hs.start_soon(a.do_handshake)  # type: ignore[attr-defined]
                 hs.start_soon(b.do_handshake)  # type: ignore[attr-defined]
@@ -137,10 +147,13 @@ async def test_require_without_ktls_raises_with_reason() -> None:
 async def test_failed_verification_is_a_clear_ssl_error() -> None:
     async with trio.open_nursery() as nursery:
         client_tcp, server_tcp = await tcp_pair()
-        client = KTLSStream(client_tcp, client_context("TLSv1.3"), nursery=nursery,
-                            server_hostname="wrong.example")
-        server = KTLSStream(server_tcp, server_context("TLSv1.3"), nursery=nursery,
-                            server_side=True)
+        client = KTLSStream(
+            client_tcp, client_context("TLSv1.3"), nursery=nursery, server_hostname="wrong.example"
+        )
+        server = KTLSStream(
+            server_tcp, server_context("TLSv1.3"), nursery=nursery, server_side=True
+        )
+
         async def server_side() -> None:
             with pytest.raises(trio.BrokenResourceError, match="alert bad certificate"):
                 await server.do_handshake()

@@ -7,30 +7,48 @@ every later record.
 
 from ._errors import (
     KTLSRekeyUnsupportedError as KTLSRekeyUnsupportedError,
+)
+from ._errors import (
     KTLSUnavailableError as KTLSUnavailableError,
+)
+from ._errors import (
     TLSDecodeError as TLSDecodeError,
+)
+from ._errors import (
     TLSProtocolError as TLSProtocolError,
 )
 from ._highlevel import (
     KTLSListener as KTLSListener,
+)
+from ._highlevel import (
     open_ktls_stream as open_ktls_stream,
+)
+from ._highlevel import (
     serve_ktls_over_tcp as serve_ktls_over_tcp,
+)
+from ._highlevel import (
     wrap_stream as wrap_stream,
 )
 from ._probe import (
     CipherSupport as CipherSupport,
+)
+from ._probe import (
     ProbeResult as ProbeResult,
+)
+from ._probe import (
     probe as probe,
 )
-from ._stream import KTLSInfo as KTLSInfo, KTLSMode as KTLSMode, KTLSStream as KTLSStream
+from ._stream import KTLSInfo as KTLSInfo
+from ._stream import KTLSMode as KTLSMode
+from ._stream import KTLSStream as KTLSStream
 
 __all__ = [
     "CipherSupport",
     "KTLSInfo",
     "KTLSListener",
     "KTLSMode",
-    "KTLSStream",
     "KTLSRekeyUnsupportedError",
+    "KTLSStream",
     "KTLSUnavailableError",
     "ProbeResult",
     "TLSDecodeError",

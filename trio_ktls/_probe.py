@@ -236,7 +236,9 @@ def _probe_cipher(version: TLSVersion, cipher: KernelCipher) -> CipherSupport:
             a.sendall(b"probe")
             data, _, _, _ = b.recvmsg(64, _kernel.RECORD_TYPE_CMSG_SPACE)
             if data != b"probe":
-                return CipherSupport(version.name, cipher.name, tx, rx, "record did not round-trip")
+                return CipherSupport(
+                    version.name, cipher.name, tx, rx, "record did not round-trip"
+                )
     except OSError as exc:
         return CipherSupport(version.name, cipher.name, tx, rx, os.strerror(exc.errno or 0))
     return CipherSupport(version.name, cipher.name, tx, rx)

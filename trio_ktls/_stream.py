@@ -53,9 +53,11 @@ leaves the stream broken (we cannot know how much went out); a cancelled
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import logging
+import operator
 import os
 import ssl
 from dataclasses import dataclass
@@ -64,8 +66,12 @@ from typing import Any, Final, Literal, final
 import trio
 
 from . import _kernel
-from ._errors import KTLSRekeyUnsupportedError, KTLSUnavailableError, TLSDecodeError
-from ._errors import TLSProtocolError
+from ._errors import (
+    KTLSRekeyUnsupportedError,
+    KTLSUnavailableError,
+    TLSDecodeError,
+    TLSProtocolError,
+)
 from ._handoff import (
     HandoffKeys,
     HandshakeObserver,
@@ -76,8 +82,12 @@ from ._handoff import (
     wipe_secrets,
 )
 from ._kernel import CryptoInfo, TLSVersion
-from ._keyschedule import CipherSuite, lookup_suite, tls13_next_traffic_secret
-from ._keyschedule import tls13_traffic_key_iv
+from ._keyschedule import (
+    CipherSuite,
+    lookup_suite,
+    tls13_next_traffic_secret,
+    tls13_traffic_key_iv,
+)
 from ._messages import (
     CLOSE_NOTIFY,
     RECORD_HEADER_LENGTH,
@@ -383,10 +393,8 @@ class KTLSStream(trio.abc.HalfCloseableStream):
     async def _flush_outgoing_best_effort(self) -> None:
         out = self._outgoing.read()
         if out:
-            try:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await self.transport_stream.send_all(out)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
 
     def _handoff(self) -> None:
         version_name = self._ssl.version() or "unknown"
@@ -431,7 +439,9 @@ class KTLSStream(trio.abc.HalfCloseableStream):
                     suite, secrets, self._observer, tx_seq=tx_seq, rx_seq=rx_seq
                 )
             except MissingSecretError as exc:
-                raise _Fallback(f"the key log did not give this connection's secrets: {exc}")
+                raise _Fallback(
+                    f"the key log did not give this connection's secrets: {exc}"
+                ) from None
         finally:
             wipe_secrets(secrets)
         sock = self.transport_stream.socket
@@ -613,7 +623,9 @@ class KTLSStream(trio.abc.HalfCloseableStream):
                 "a handshake message spans the KeyUpdate's key change (RFC 8446 §5.1)",
             )
             return
-        next_secret = bytearray(tls13_next_traffic_secret(bytes(keys.rx_secret), suite.hash_algorithm))
+        next_secret = bytearray(
+            tls13_next_traffic_secret(bytes(keys.rx_secret), suite.hash_algorithm)
+        )
         key, iv = tls13_traffic_key_iv(bytes(next_secret), suite.key_length, suite.hash_algorithm)
         info = CryptoInfo(keys.version, keys.rx.cipher, key=key, write_iv=iv, rec_seq=0)
         try:
@@ -642,7 +654,9 @@ class KTLSStream(trio.abc.HalfCloseableStream):
         keys, suite = self._keys, self._suite
         assert keys is not None and suite is not None and keys.tx_secret is not None
         await self._send_control(ContentType.HANDSHAKE, encode_key_update(request_peer_update))
-        next_secret = bytearray(tls13_next_traffic_secret(bytes(keys.tx_secret), suite.hash_algorithm))
+        next_secret = bytearray(
+            tls13_next_traffic_secret(bytes(keys.tx_secret), suite.hash_algorithm)
+        )
         key, iv = tls13_traffic_key_iv(bytes(next_secret), suite.key_length, suite.hash_algorithm)
         info = CryptoInfo(keys.version, keys.tx.cipher, key=key, write_iv=iv, rec_seq=0)
         try:
@@ -677,10 +691,8 @@ class KTLSStream(trio.abc.HalfCloseableStream):
         if not self._tx_kernel or self._write_lock.locked():
             return
         async with self._write_lock:
-            try:
+            with contextlib.suppress(OSError):
                 await self._send_control(ContentType.ALERT, bytes([AlertLevel.FATAL, description]))
-            except OSError:
-                pass
 
     # -- the public stream API --------------------------------------------------------
 
@@ -723,8 +735,10 @@ class KTLSStream(trio.abc.HalfCloseableStream):
             await self.transport_stream.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        if max_bytes is not None and max_bytes < 1:
-            raise ValueError("max_bytes must be >= 1")
+        if max_bytes is not None:
+            max_bytes = operator.index(max_bytes)  # TypeError for 1.5, like a socket
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be >= 1")
         with self._receive_conflict:
             await self.do_handshake()
             if self._state is _State.CLOSED:
@@ -808,10 +822,9 @@ class KTLSStream(trio.abc.HalfCloseableStream):
         if self._tx_kernel:
             await self._send_control(ContentType.ALERT, CLOSE_NOTIFY.encode())
             return
-        try:
+        # unwrap() queues our close_notify, then wants the peer's, which may come later.
+        with contextlib.suppress(ssl.SSLWantReadError):
             self._ssl.unwrap()
-        except ssl.SSLWantReadError:
-            pass  # sent ours; the peer's may come later
         await self.transport_stream.send_all(self._outgoing.read())
 
     async def aclose(self) -> None:
