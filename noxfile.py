@@ -31,7 +31,10 @@ REPORTS = "reports"
 DEMO_KERNEL = "6.18"
 # The demo's steps in that guest, each the arguments of one `python` run, in one boot,
 # stopping at the first that fails.
-GUEST_DEMO_COMMAND: tuple[tuple[str, ...], ...] = (("-m", "trio_ktls", "probe"),)
+GUEST_DEMO_COMMAND: tuple[tuple[str, ...], ...] = (
+    ("-m", "trio_ktls", "probe"),
+    ("-m", "trio_ktls", "demo", "--ktls", "require"),
+)
 
 
 @nox.session

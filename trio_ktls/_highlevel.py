@@ -58,10 +58,7 @@ async def wrap_stream(
         except BaseException as exc:
             error = exc
         finally:
-            if error is None:
-                await stream.aclose()
-            else:
-                await trio.aclose_forcefully(stream)
+            await stream.aclose()  # close_notify (unless broken), as AsyncResource does
     if error is not None:
         raise error
 
