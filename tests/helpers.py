@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 import trustme
@@ -47,7 +48,13 @@ StreamMaker = Callable[[], Awaitable[tuple[trio.abc.Stream, trio.abc.Stream]]]
 
 
 def ktls_pair_maker(
-    nursery: trio.Nursery, version: str, ktls: KTLSMode, *, handshake: bool = True
+    nursery: trio.Nursery,
+    version: str,
+    ktls: KTLSMode,
+    *,
+    handshake: bool = True,
+    client_options: dict[str, Any] | None = None,
+    server_options: dict[str, Any] | None = None,
 ) -> Callable[[], Awaitable[tuple[KTLSStream, KTLSStream]]]:
     async def make() -> tuple[KTLSStream, KTLSStream]:
         client_tcp, server_tcp = await tcp_pair()
@@ -57,9 +64,15 @@ def ktls_pair_maker(
             nursery=nursery,
             server_hostname=HOSTNAME,
             ktls=ktls,
+            **(client_options or {}),
         )
         server = KTLSStream(
-            server_tcp, server_context(version), nursery=nursery, server_side=True, ktls=ktls
+            server_tcp,
+            server_context(version),
+            nursery=nursery,
+            server_side=True,
+            ktls=ktls,
+            **(server_options or {}),
         )
         if handshake:
             async with trio.open_nursery() as hs:
@@ -68,3 +81,21 @@ def ktls_pair_maker(
         return client, server
 
     return make
+
+
+class ProcessOutput:
+    """Collects a subprocess's output; ``wait_for`` a marker without polling."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self._changed = trio.Event()
+
+    async def collect(self, stream: trio.abc.ReceiveStream) -> None:
+        async for chunk in stream:
+            self.data.extend(chunk)
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def wait_for(self, marker: bytes) -> None:
+        while marker not in self.data:
+            await self._changed.wait()

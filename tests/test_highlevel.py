@@ -30,7 +30,7 @@ async def test_serve_and_open_with_alpn_sni_and_client_certificate(mode: KTLSMod
     server_ctx.verify_mode = ssl.CERT_REQUIRED
     CA.configure_trust(server_ctx)
     seen_sni: list[str | None] = []
-    server_ctx.sni_callback = lambda obj, name, ctx: seen_sni.append(name)  # type: ignore[assignment,misc]
+    server_ctx.sni_callback = lambda obj, name, ctx: seen_sni.append(name)
     client_ctx = client_context("TLSv1.3")
     client_ctx.set_alpn_protocols(["http/1.1"])
     CA.issue_cert("client@trio-ktls.example").configure_cert(client_ctx)
@@ -44,7 +44,7 @@ async def test_serve_and_open_with_alpn_sni_and_client_certificate(mode: KTLSMod
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(trio_ktls.serve_ktls_over_tcp, handler, 0, server_ctx)
         assert isinstance(listeners[0], trio_ktls.KTLSListener)
-        port = listeners[0].transport_listener.socket.getsockname()[1]
+        port = _port(listeners[0])
         async with trio_ktls.open_ktls_stream(
             "127.0.0.1", port, ssl_context=client_ctx, server_hostname=HOSTNAME, ktls=mode
         ) as client:
@@ -75,7 +75,7 @@ async def test_handshake_timeout_drops_only_that_connection(
                 handshake_timeout=2, ktls=mode, task_status=task_status,
             )
         )  # fmt: skip
-        port = listeners[0].transport_listener.socket.getsockname()[1]
+        port = _port(listeners[0])
         silent = await trio.open_tcp_stream("127.0.0.1", port)  # never says hello
         with caplog.at_level(logging.WARNING, logger="trio_ktls"):
             assert await silent.receive_some() == b""  # the server gave up on it
@@ -153,3 +153,10 @@ async def test_wrap_stream_propagates_body_errors_unwrapped() -> None:
                 client_tcp, client_context("TLSv1.3"), server_hostname=HOSTNAME
             ):
                 raise KeyError("boom")
+
+
+def _port(listener: trio_ktls.KTLSListener) -> int:
+    transport = listener.transport_listener
+    assert isinstance(transport, trio.SocketListener)
+    port: int = transport.socket.getsockname()[1]
+    return port

@@ -20,6 +20,7 @@ installs itself and falls back on failure; the probe is for people and for tests
 from __future__ import annotations
 
 import errno
+import functools
 import gzip
 import os
 import socket
@@ -126,6 +127,16 @@ def probe() -> ProbeResult:
         rekey_error=rekey_error,
         tls_stat=read_tls_stat(),
     )
+
+
+@functools.cache
+def tls13_rekey_supported() -> bool:
+    """Whether this kernel can replace TLS 1.3 keys in both directions (6.14+).
+
+    Checked once per process by doing it (see `probe`), not from the version number.
+    """
+    tx_ok, rx_ok, _ = _probe_rekey()
+    return bool(tx_ok and rx_ok)
 
 
 def read_tls_stat() -> dict[str, int]:

@@ -97,12 +97,12 @@ from ._messages import (
     ContentType,
     HandshakeReassembler,
     HandshakeType,
-    encode_key_update,
     parse_key_update,
     parse_new_session_ticket,
     parse_record_header,
 )
-from ._probe import ulp_error_reason
+from ._probe import tls13_rekey_supported, ulp_error_reason
+from ._writer import ConfidentialityLimitError, KernelWriter, record_limits
 
 logger: Final = logging.getLogger("trio_ktls")
 
@@ -199,6 +199,8 @@ class KTLSStream(trio.abc.HalfCloseableStream):
         session: ssl.SSLSession | None = None,
         handshake_timeout: float | None = None,
         max_receive_buffer: int = _DEFAULT_MAX_BUFFER,
+        rekey_after_records: int | None = None,
+        request_peer_rekey_after_records: int | None = None,
     ) -> None:
         if ktls not in ("auto", "require", "off"):
             raise ValueError(f"ktls must be 'auto', 'require' or 'off', not {ktls!r}")
@@ -230,10 +232,16 @@ class KTLSStream(trio.abc.HalfCloseableStream):
         self._rx_kernel = False
         self._keys: HandoffKeys | None = None
         self._suite: CipherSuite | None = None
-        self._key_updates_sent = 0
         self._key_updates_received = 0
 
         self._write_lock = trio.StrictFIFOLock()
+        self._writer: KernelWriter | None = None
+        self._rekey_after = rekey_after_records
+        self._request_peer_rekey_after = request_peer_rekey_after_records
+        # Receive-side record accounting (see _count_received).
+        self._rx_records_at_check = 0
+        self._rx_records_since_check = 0
+        self._rx_update_requested = False
         self._send_conflict = _ConflictDetector("another task is sending on this stream")
         self._receive_conflict = _ConflictDetector("another task is receiving on this stream")
         self._eof_sent = False
@@ -281,7 +289,7 @@ class KTLSStream(trio.abc.HalfCloseableStream):
             version=self._info.version,
             cipher=self._info.cipher,
             reason=self._info.reason,
-            key_updates_sent=self._key_updates_sent,
+            key_updates_sent=self._writer.key_updates_sent if self._writer else 0,
             key_updates_received=self._key_updates_received,
         )
 
@@ -468,6 +476,21 @@ class KTLSStream(trio.abc.HalfCloseableStream):
         self._rx_kernel = True
         self._keys = keys
         self._suite = suite
+        tx_limit, rx_limit = record_limits(suite)
+        if self._rekey_after is not None:
+            tx_limit = self._rekey_after
+        if self._request_peer_rekey_after is not None:
+            rx_limit = self._request_peer_rekey_after
+        self._request_peer_rekey_after = rx_limit
+        self._writer = KernelWriter(
+            sock,
+            self._write_lock,
+            keys,
+            suite,
+            first_seq=tx_seq,
+            rekey_after_records=tx_limit,
+            rekey_supported=tls13_rekey_supported,
+        )
 
     # -- the reader task (kernel receive path) -----------------------------------------
 
@@ -500,6 +523,7 @@ class KTLSStream(trio.abc.HalfCloseableStream):
                     raise TLSProtocolError("the kernel returned data without a record type")
                 self._on_transport_eof()
                 return
+            await self._count_received(len(data))
             if record_type == ContentType.APPLICATION_DATA:
                 self._rx_buffer += data
                 self._wake_receivers()
@@ -521,6 +545,29 @@ class KTLSStream(trio.abc.HalfCloseableStream):
                     f"unexpected record type {record_type} after the handshake",
                 )
                 return
+
+    async def _count_received(self, nbytes: int) -> None:
+        """Ask the peer for new keys well before its records reach their limit.
+
+        One ``recvmsg`` returns one or more records; each carried at least one byte,
+        except empty ones, so ``bytes + 1`` per read bounds the count without a system
+        call. When the bound reaches the threshold, the kernel's exact RX ``rec_seq``
+        decides (RFC 8446 §5.5; the request is a KeyUpdate with update_requested).
+        """
+        limit = self._request_peer_rekey_after
+        if limit is None or self._rx_update_requested or self._writer is None:
+            return
+        self._rx_records_since_check += nbytes + 1
+        if self._rx_records_at_check + self._rx_records_since_check < limit:
+            return
+        assert self._keys is not None
+        exact = _kernel.read_rec_seq(
+            self.transport_stream.socket, _kernel.TLS_RX, self._keys.rx.cipher
+        )
+        self._rx_records_at_check, self._rx_records_since_check = exact, 0
+        if exact >= limit and self._writer.can_rotate:
+            self._rx_update_requested = True
+            await self._schedule_tx_update(request_peer_update=True)
 
     def _on_transport_eof(self) -> None:
         if self._https_compatible:
@@ -586,11 +633,9 @@ class KTLSStream(trio.abc.HalfCloseableStream):
         if version is TLSVersion.TLS1_2:
             if msg_type == HandshakeType.HELLO_REQUEST:
                 # RFC 5746 §4.2 lets a client decline renegotiation with a warning.
-                async with self._write_lock:
-                    await self._send_control(
-                        ContentType.ALERT,
-                        Alert(AlertLevel.WARNING, AlertDescription.NO_RENEGOTIATION).encode(),
-                    )
+                await self._send_alert(
+                    Alert(AlertLevel.WARNING, AlertDescription.NO_RENEGOTIATION), wait=True
+                )
                 return
             await self._fatal_alert(
                 AlertDescription.UNEXPECTED_MESSAGE,
@@ -632,67 +677,63 @@ class KTLSStream(trio.abc.HalfCloseableStream):
             _kernel.install_key(self.transport_stream.socket, _kernel.TLS_RX, info)
         except OSError as exc:
             next_secret[:] = bytes(len(next_secret))
-            self._fail(
-                KTLSRekeyUnsupportedError(
-                    "the peer updated its TLS 1.3 keys, but this kernel cannot replace a kTLS "
-                    f"receive key ({os.strerror(exc.errno or 0)}); Linux 6.14 or newer is "
-                    f"needed (running {os.uname().release})"
-                )
+            failure = KTLSRekeyUnsupportedError(
+                "the peer updated its TLS 1.3 keys, but this kernel cannot replace a kTLS "
+                f"receive key ({os.strerror(exc.errno or 0)}); Linux 6.14 or newer is "
+                f"needed (running {os.uname().release})"
             )
+            await self._fatal_alert(AlertDescription.INTERNAL_ERROR, failure)
             return
         finally:
             info.wipe()
         keys.rx_secret[:] = next_secret
         next_secret[:] = bytes(len(next_secret))
         self._key_updates_received += 1
+        self._rx_records_since_check = 0
+        self._rx_records_at_check = 0
+        self._rx_update_requested = False
         if update_requested:
-            async with self._write_lock:
-                await self._rotate_tx_locked(request_peer_update=False)
+            await self._schedule_tx_update(request_peer_update=False)
 
-    async def _rotate_tx_locked(self, *, request_peer_update: bool) -> None:
-        """Send our KeyUpdate, then switch TX to the next secret. Hold ``_write_lock``."""
-        keys, suite = self._keys, self._suite
-        assert keys is not None and suite is not None and keys.tx_secret is not None
-        await self._send_control(ContentType.HANDSHAKE, encode_key_update(request_peer_update))
-        next_secret = bytearray(
-            tls13_next_traffic_secret(bytes(keys.tx_secret), suite.hash_algorithm)
-        )
-        key, iv = tls13_traffic_key_iv(bytes(next_secret), suite.key_length, suite.hash_algorithm)
-        info = CryptoInfo(keys.version, keys.tx.cipher, key=key, write_iv=iv, rec_seq=0)
-        try:
-            _kernel.install_key(self.transport_stream.socket, _kernel.TLS_TX, info)
-        except OSError as exc:
-            next_secret[:] = bytes(len(next_secret))
-            # The KeyUpdate is on the wire, so the peer now expects the new key: nothing
-            # more can be sent correctly.
-            self._fail(
-                KTLSRekeyUnsupportedError(
-                    "this kernel cannot replace a kTLS transmit key "
-                    f"({os.strerror(exc.errno or 0)}); Linux 6.14 or newer is needed "
-                    f"(running {os.uname().release})"
-                )
-            )
-            raise self._broken_error() from exc
-        finally:
-            info.wipe()
-        keys.tx_secret[:] = next_secret
-        next_secret[:] = bytes(len(next_secret))
-        self._key_updates_sent += 1
+    async def _schedule_tx_update(self, *, request_peer_update: bool) -> None:
+        """Have our KeyUpdate sent soon, without the reader ever waiting on a writer.
 
-    async def _send_control(self, content_type: int, payload: bytes) -> None:
-        """Send one non-data record through the kernel. Caller holds ``_write_lock``."""
-        await self.transport_stream.socket.sendmsg(
-            [payload], _kernel.set_record_type_cmsg(content_type)
-        )
-
-    async def _fatal_alert(self, description: int, message: str) -> None:
-        """Tell the peer why we give up (best effort, never waiting on a busy writer)."""
-        self._fail(TLSProtocolError(message))
-        if not self._tx_kernel or self._write_lock.locked():
+        If a task holds the writer lock, the writer sends it between two chunks (or before
+        the lock is released); otherwise the reader sends it now.
+        """
+        writer = self._writer
+        assert writer is not None
+        writer.schedule_update(request_peer_update=request_peer_update)
+        if writer.lock.locked():
             return
-        async with self._write_lock:
+        async with writer.lock:
+            try:
+                await writer.service_pending()
+            except KTLSRekeyUnsupportedError as exc:
+                await self._fatal_alert(AlertDescription.INTERNAL_ERROR, exc, locked=True)
+
+    async def _send_alert(self, alert: Alert, *, wait: bool) -> None:
+        """Send an alert through the kernel. With ``wait=False`` give up rather than wait
+        for a busy writer (the stream is failing anyway)."""
+        writer = self._writer
+        if writer is None or (not wait and writer.lock.locked()):
+            return
+        async with writer.lock:
             with contextlib.suppress(OSError):
-                await self._send_control(ContentType.ALERT, bytes([AlertLevel.FATAL, description]))
+                await writer.send_control(ContentType.ALERT, alert.encode())
+
+    async def _fatal_alert(
+        self, description: int, failure: str | BaseException, *, locked: bool = False
+    ) -> None:
+        """Fail the stream and tell the peer why (best effort, never waiting on a busy
+        writer). ``locked``: the caller already holds the writer lock."""
+        self._fail(TLSProtocolError(failure) if isinstance(failure, str) else failure)
+        alert = Alert(AlertLevel.FATAL, description)
+        if locked and self._writer is not None:
+            with contextlib.suppress(OSError):
+                await self._writer.send_control(ContentType.ALERT, alert.encode())
+        else:
+            await self._send_alert(alert, wait=False)
 
     # -- the public stream API --------------------------------------------------------
 
@@ -705,17 +746,59 @@ class KTLSStream(trio.abc.HalfCloseableStream):
             try:
                 async with self._write_lock:
                     self._check_status()
-                    if self._tx_kernel:
-                        await self.transport_stream.send_all(data)
+                    if self._writer is not None:
+                        await self._writer.send_data(data)
+                        await self._writer.service_pending()
                     else:
                         await self._user_space_send(data)
+            except ConfidentialityLimitError as exc:
+                await self._close_at_limit(exc)
+                raise self._broken_error() from exc
             except trio.Cancelled:
                 self._fail(trio.BrokenResourceError("send_all was cancelled mid-write"))
                 raise
-            except trio.BrokenResourceError as exc:
+            except (trio.BrokenResourceError, KTLSRekeyUnsupportedError) as exc:
                 self._fail(exc)
                 raise self._broken_error() from exc
-            except ssl.SSLError as exc:
+            except (ssl.SSLError, OSError) as exc:
+                self._fail(exc)
+                raise self._broken_error() from exc
+
+    async def _close_at_limit(self, exc: ConfidentialityLimitError) -> None:
+        """RFC 8446 §5.5: never exceed the limit; close cleanly instead. The writer kept
+        one record in reserve for this close_notify. Called with the writer lock held."""
+        assert self._writer is not None
+        with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._writer.send_control(ContentType.ALERT, CLOSE_NOTIFY.encode())
+            self._eof_sent = True
+            await self.transport_stream.send_eof()
+        self._fail(exc)
+
+    async def update_keys(self, *, request_peer_update: bool = False) -> None:
+        """Send a TLS 1.3 KeyUpdate and switch to the next transmit key (RFC 8446 §4.6.3).
+
+        With ``request_peer_update`` the peer is asked to update its keys too. Waits for
+        any ``send_all`` in progress to reach a chunk boundary: no application byte is
+        ever encrypted under the wrong key. Raises `KTLSRekeyUnsupportedError` (and leaves
+        the stream usable) where it cannot be done: TLS 1.2, no kernel TX offload, or a
+        kernel without TLS 1.3 rekey (before 6.14).
+        """
+        await self.do_handshake()
+        self._check_status()
+        writer = self._writer
+        if writer is None:
+            raise KTLSRekeyUnsupportedError(
+                "key updates need the transmit side in the kernel "
+                f"({self._offload_reason or 'not offloaded'})"
+            )
+        if not writer.can_rotate:
+            await trio.lowlevel.checkpoint()
+            raise writer.cannot_rotate_error()
+        async with writer.lock:
+            self._check_status()
+            try:
+                await writer.rotate(request_peer_update=request_peer_update)
+            except (KTLSRekeyUnsupportedError, OSError) as exc:
                 self._fail(exc)
                 raise self._broken_error() from exc
 
@@ -819,8 +902,8 @@ class KTLSStream(trio.abc.HalfCloseableStream):
                 await self.transport_stream.send_eof()
 
     async def _send_close_notify_locked(self) -> None:
-        if self._tx_kernel:
-            await self._send_control(ContentType.ALERT, CLOSE_NOTIFY.encode())
+        if self._writer is not None:
+            await self._writer.send_control(ContentType.ALERT, CLOSE_NOTIFY.encode())
             return
         # unwrap() queues our close_notify, then wants the peer's, which may come later.
         with contextlib.suppress(ssl.SSLWantReadError):

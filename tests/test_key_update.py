@@ -1,0 +1,301 @@
+"""The key lifecycle after the handoff: KeyUpdate both ways, the writer lock, limits.
+
+All in the kernel matrix. Where the kernel can replace kTLS keys (6.14+: the 6.18 and 7.x
+guests) data must keep flowing byte-exact through every update; where it cannot (6.1,
+6.12) the stream must refuse or fail with `KTLSRekeyUnsupportedError`, never hang and
+never deliver undecryptable data.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import subprocess
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+from trio_ktls import KTLSRekeyUnsupportedError, KTLSStream, _kernel
+from trio_ktls._probe import read_tls_stat, tls13_rekey_supported
+
+from .conftest import GUEST_KERNEL
+from .helpers import (
+    HOSTNAME,
+    SERVER_CERT,
+    ProcessOutput,
+    client_context,
+    ktls_pair_maker,
+    server_context,
+)
+
+pytestmark = pytest.mark.ktls
+
+MiB = 1024 * 1024
+# The guests' kernel lines and whether they can rekey (also asserted by test_probe).
+
+
+def REKEY() -> bool:
+    if GUEST_KERNEL is None:
+        return tls13_rekey_supported()
+    return GUEST_KERNEL in ("6.18", "7")
+
+
+def _pattern(seed: int, size: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+async def _receive_exactly(stream: KTLSStream, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = await stream.receive_some()
+        assert chunk, f"EOF after {len(data)} of {size} bytes"
+        data += chunk
+    return bytes(data)
+
+
+async def test_many_key_updates_while_data_flows_both_ways() -> None:
+    """1000 KeyUpdates from each side (every other one asking the peer to update too),
+    interleaved with send_all calls of random sizes, while 64 MiB flow each way."""
+    size, updates = (64 * MiB, 1000) if REKEY() else (4 * MiB, 0)
+    tls13_rekey_supported()  # the library's own (cached) probe rekeys a throw-away pair
+    stat_before = read_tls_stat()
+    async with trio.open_nursery() as nursery:
+        client, server = await ktls_pair_maker(nursery, "TLSv1.3", "require")()
+        received: dict[str, bytes] = {}
+
+        async def sender(stream: KTLSStream, seed: int) -> None:
+            data, rng = _pattern(seed, size), random.Random(seed + 1)
+            offset, done = 0, 0
+            while offset < size:
+                step = rng.randrange(1, 256 * 1024)
+                await stream.send_all(data[offset : offset + step])
+                offset += step
+                # Spread the updates over the transfer, sometimes several in a row.
+                while done < updates and done * size < offset * updates:
+                    await stream.update_keys(request_peer_update=done % 2 == 1)
+                    done += 1
+            while done < updates:
+                await stream.update_keys()
+                done += 1
+            if not updates:
+                # Before 6.14: refused up front, and the data flow is not disturbed.
+                with pytest.raises(KTLSRekeyUnsupportedError, match=r"6\.14"):
+                    await stream.update_keys()
+
+        async def receiver(stream: KTLSStream, name: str) -> None:
+            received[name] = await _receive_exactly(stream, size)
+
+        async with trio.open_nursery() as io:
+            io.start_soon(sender, client, 1)
+            io.start_soon(sender, server, 2)
+            io.start_soon(receiver, server, "client->server")
+            io.start_soon(receiver, client, "server->client")
+        assert received["client->server"] == _pattern(1, size)
+        assert received["server->client"] == _pattern(2, size)
+        for stream, peer in ((client, server), (server, client)):
+            info, peer_info = stream.ktls_info, peer.ktls_info
+            assert info is not None and peer_info is not None
+            # Our 1000, plus one answer to each of the peer's 500 requests (at most:
+            # an answer may be folded into an update that was already pending).
+            assert updates <= info.key_updates_sent <= updates + updates // 2
+            assert peer_info.key_updates_received == info.key_updates_sent
+        sent = client.ktls_info.key_updates_sent + server.ktls_info.key_updates_sent  # type: ignore[union-attr]
+        await client.aclose()
+        await server.aclose()
+    stat_after = read_tls_stat()
+    for counter in ("TlsTxRekeyOk", "TlsRxRekeyOk"):  # absent before 6.14
+        assert stat_after.get(counter, 0) - stat_before.get(counter, 0) == sent
+    print(f"key updates: {sent} (TlsTxRekeyOk and TlsRxRekeyOk agree)")
+
+
+async def test_key_update_refused_cleanly_without_kernel_rekey() -> None:
+    async with trio.open_nursery() as nursery:
+        for version in ("TLSv1.2", "TLSv1.3"):
+            client, server = await ktls_pair_maker(nursery, version, "require")()
+            if version == "TLSv1.3" and REKEY():
+                await client.update_keys()
+                expected = 1
+            else:
+                with pytest.raises(KTLSRekeyUnsupportedError, match="cannot update"):
+                    await client.update_keys()
+                expected = 0
+            # Refusing happens before anything is sent: the stream still works.
+            await client.send_all(b"still fine")
+            assert await _receive_exactly(server, 10) == b"still fine"
+            assert client.ktls_info.key_updates_sent == expected  # type: ignore[union-attr]
+            await client.aclose()
+            await server.aclose()
+
+
+@pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])
+async def test_automatic_rekey_at_lowered_threshold(version: str) -> None:
+    """rekey_after_records=200 on the client; the server asks the client for new keys
+    after 150 records. The kernel's rec_seq never passes the threshold. Where keys cannot
+    be replaced (TLS 1.2, kernels before 6.14) the client closes cleanly at the limit."""
+    threshold = 200
+    rotates = version == "TLSv1.3" and REKEY()
+    async with trio.open_nursery() as nursery:
+        client, server = await ktls_pair_maker(
+            nursery,
+            version,
+            "require",
+            client_options={"rekey_after_records": threshold},
+            server_options={"request_peer_rekey_after_records": 150},
+        )()
+        sock = client.transport_stream.socket
+        cipher = _kernel.KERNEL_CIPHER_FOR_AEAD[client._suite.aead]  # type: ignore[union-attr]
+        data = _pattern(3, 8 * MiB)  # 512 full records at least
+        received = bytearray()
+        highest_seq = 0
+
+        async def receive_all() -> None:
+            while chunk := await server.receive_some():
+                received.extend(chunk)
+
+        async with trio.open_nursery() as io:
+            io.start_soon(receive_all)
+            refused: KTLSRekeyUnsupportedError | None = None
+            try:
+                for start in range(0, len(data), 32 * 1024):
+                    await client.send_all(data[start : start + 32 * 1024])
+                    seq = _kernel.read_rec_seq(sock, _kernel.TLS_TX, cipher)
+                    highest_seq = max(highest_seq, seq)
+                    assert seq <= threshold
+                await client.send_eof()
+            except KTLSRekeyUnsupportedError as exc:
+                refused = exc
+        assert (refused is None) is rotates, refused
+        assert refused is None or "limit" in str(refused)
+        info = client.ktls_info
+        assert info is not None
+        if rotates:
+            assert bytes(received) == data
+            assert info.key_updates_sent >= len(data) // (16384 * threshold)
+            assert server.ktls_info.key_updates_received == info.key_updates_sent  # type: ignore[union-attr]
+        else:
+            # Closed cleanly: what arrived is an exact prefix, then close_notify.
+            assert info.key_updates_sent == 0
+            assert 0 < len(received) < len(data)
+            assert bytes(received) == data[: len(received)]
+        print(f"{version}: highest TX rec_seq {highest_seq}, key updates {info.key_updates_sent}")
+        await client.aclose()
+        await server.aclose()
+
+
+OPENSSL = shutil.which("openssl")
+SUITES_13 = ["TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"]
+
+
+@pytest.mark.skipif(OPENSSL is None, reason="the openssl command is not installed")
+@pytest.mark.parametrize("suite", SUITES_13)
+async def test_openssl_s_client_sends_key_updates(tmp_path: Path, suite: str) -> None:
+    """openssl s_client, interactive: 'k' sends KeyUpdate, 'K' one that asks us to update
+    too. On 6.14+ data keeps flowing both ways; before, our server fails clearly."""
+    server_pem = tmp_path / "server.pem"
+    SERVER_CERT.private_key_and_cert_chain_pem.write_to_path(str(server_pem))
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    args = [OPENSSL, "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3",
+            "-ciphersuites", suite, "-noservername"]  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        proc = await nursery.start(
+            partial(
+                trio.run_process, args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, check=False,
+            )
+        )  # fmt: skip
+        tcp = await listener.accept()
+        await listener.aclose()
+        server = KTLSStream(tcp, server_context("TLSv1.3"), nursery=nursery, server_side=True,
+                            ktls="require")  # fmt: skip
+        await server.do_handshake()
+        client_out = ProcessOutput()
+        nursery.start_soon(client_out.collect, proc.stdout)
+        await proc.stdin.send_all(b"one\n")
+        assert await _receive_exactly(server, 4) == b"one\n"
+        if not REKEY():
+            await proc.stdin.send_all(b"k\n")
+            with pytest.raises(KTLSRekeyUnsupportedError, match=r"6\.14"):
+                with trio.fail_after(60):
+                    await server.receive_some()
+            await server.aclose()
+            await proc.stdin.aclose()
+            await proc.wait()
+            return
+        for command, line in ((b"k\n", b"two\n"), (b"K\n", b"three\n"), (b"k\n", b"four\n")):
+            await proc.stdin.send_all(command)
+            await trio.sleep(0.5)  # one read, one command
+            await proc.stdin.send_all(line)
+            assert await _receive_exactly(server, len(line)) == line
+            await server.send_all(b"echo " + line)
+        with trio.fail_after(60):
+            await client_out.wait_for(b"echo four\n")
+        assert b"echo two\n" in client_out.data
+        assert b"echo three\n" in client_out.data
+        info = server.ktls_info
+        assert info is not None
+        assert info.key_updates_received == 3
+        assert info.key_updates_sent == 1  # the answer to 'K'
+        await proc.stdin.aclose()
+        assert await server.receive_some() in (b"",)
+        await server.aclose()
+        await proc.wait()
+
+
+@pytest.mark.skipif(OPENSSL is None, reason="the openssl command is not installed")
+@pytest.mark.parametrize("suite", SUITES_13)
+async def test_openssl_s_server_sends_key_updates(tmp_path: Path, suite: str) -> None:
+    server_pem = tmp_path / "server.pem"
+    SERVER_CERT.private_key_and_cert_chain_pem.write_to_path(str(server_pem))
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    await listener.aclose()
+    args = [OPENSSL, "s_server", "-accept", f"127.0.0.1:{port}", "-naccept", "1",
+            "-cert", str(server_pem), "-key", str(server_pem), "-tls1_3",
+            "-ciphersuites", suite]  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        proc = await nursery.start(
+            partial(
+                trio.run_process, args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, check=False,
+            )
+        )  # fmt: skip
+        server_out = ProcessOutput()
+        nursery.start_soon(server_out.collect, proc.stdout)
+        with trio.fail_after(120):
+            while True:
+                try:
+                    tcp = await trio.open_tcp_stream("127.0.0.1", port)
+                    break
+                except OSError:
+                    await trio.sleep(0.1)
+        client = KTLSStream(tcp, client_context("TLSv1.3"), nursery=nursery,
+                            server_hostname=HOSTNAME, ktls="require")  # fmt: skip
+        await client.do_handshake()
+        await proc.stdin.send_all(b"one\n")
+        assert await _receive_exactly(client, 4) == b"one\n"
+        if not REKEY():
+            await proc.stdin.send_all(b"k\n")
+            with pytest.raises(KTLSRekeyUnsupportedError, match=r"6\.14"):
+                with trio.fail_after(60):
+                    await client.receive_some()
+            await client.aclose()
+        else:
+            for command, line in ((b"k\n", b"two\n"), (b"K\n", b"three\n")):
+                await proc.stdin.send_all(command)
+                await trio.sleep(0.5)
+                await proc.stdin.send_all(line)
+                assert await _receive_exactly(client, len(line)) == line
+                await client.send_all(b"echo " + line)
+            with trio.fail_after(60):
+                await server_out.wait_for(b"echo three\n")
+            info = client.ktls_info
+            assert info is not None
+            assert info.key_updates_received == 2
+            assert info.key_updates_sent == 1
+            await client.aclose()
+        await proc.stdin.aclose()
+        with trio.fail_after(60):
+            await proc.wait()
