@@ -97,11 +97,13 @@ from ._messages import (
     ContentType,
     HandshakeReassembler,
     HandshakeType,
+    encode_handshake,
     parse_key_update,
     parse_new_session_ticket,
     parse_record_header,
 )
 from ._probe import tls13_rekey_supported, ulp_error_reason
+from ._ticket_relay import TicketRelay
 from ._writer import ConfidentialityLimitError, KernelWriter, record_limits
 
 logger: Final = logging.getLogger("trio_ktls")
@@ -254,8 +256,9 @@ class KTLSStream(trio.abc.HalfCloseableStream):
         self._room_waiters = trio.lowlevel.ParkingLot()
         self._reader_scope = trio.CancelScope()
         self._reassembler = HandshakeReassembler()
-        #: TLS 1.3 NewSessionTicket messages received after the handoff (raw, in order).
-        self.received_tickets: list[bytes] = []
+        #: TLS 1.3 NewSessionTicket messages that arrived after the handoff.
+        self.tickets_received = 0
+        self._ticket_relay: TicketRelay | None = None
 
         # The ULP needs an ESTABLISHED socket, which a SocketStream is. Attaching it now
         # lets OpenSSL's key log be captured from the first handshake message on.
@@ -476,6 +479,8 @@ class KTLSStream(trio.abc.HalfCloseableStream):
         self._rx_kernel = True
         self._keys = keys
         self._suite = suite
+        if keys.rx_secret is not None and not self._observer.server_side:
+            self._ticket_relay = TicketRelay(suite, bytes(keys.rx_secret))
         tx_limit, rx_limit = record_limits(suite)
         if self._rekey_after is not None:
             tx_limit = self._rekey_after
@@ -644,7 +649,7 @@ class KTLSStream(trio.abc.HalfCloseableStream):
             return
         if msg_type == HandshakeType.NEW_SESSION_TICKET:
             parse_new_session_ticket(body)  # validates; raises TLSDecodeError
-            self.received_tickets.append(bytes(body))
+            self._relay_ticket(encode_handshake(msg_type, body))
         elif msg_type == HandshakeType.KEY_UPDATE:
             await self._on_peer_key_update(parse_key_update(body))
         else:
@@ -652,6 +657,22 @@ class KTLSStream(trio.abc.HalfCloseableStream):
                 AlertDescription.UNEXPECTED_MESSAGE,
                 f"unexpected post-handshake message (type {msg_type})",
             )
+
+    def _relay_ticket(self, message: bytes) -> None:
+        """Hand a ticket to OpenSSL so that ``session`` can resume (see _ticket_relay)."""
+        if self._ticket_relay is None:
+            return  # a server never receives tickets; nothing else would use them
+        self._incoming.write(self._ticket_relay.seal(message))
+        try:
+            self._ssl.read(1)
+        except ssl.SSLWantReadError:
+            pass  # the expected outcome: the ticket was consumed, no data followed
+        except ssl.SSLError as exc:
+            # Resumption will not work, but this connection is unharmed.
+            logger.warning("OpenSSL refused a relayed session ticket: %s", exc)
+            self._ticket_relay = None
+        self._outgoing.read()  # OpenSSL writes nothing here; TX is the kernel's anyway
+        self.tickets_received += 1
 
     async def _on_peer_key_update(self, update_requested: bool) -> None:
         """RFC 8446 §4.6.3: switch to the peer's next traffic secret; answer if asked.

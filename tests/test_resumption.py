@@ -1,0 +1,169 @@
+"""Session tickets and resumption with the record layer in the kernel.
+
+TLS 1.3 tickets arrive after the handoff, so the kernel decrypts them and the library
+relays them to OpenSSL; TLS 1.2 tickets and session IDs travel inside the handshake.
+Either way ``stream.session`` must resume, and the resumed connection is offloaded too.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+import trio_ktls
+from trio_ktls import KTLSMode, KTLSStream
+
+from .helpers import (
+    CA,
+    HOSTNAME,
+    SERVER_CERT,
+    ProcessOutput,
+    client_context,
+    server_context,
+)
+
+MODES = [pytest.param("off", id="user-space"), pytest.param("require", marks=pytest.mark.ktls)]
+OPENSSL = shutil.which("openssl")
+needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="the openssl command is not installed")
+
+
+def _assert_mode(stream: KTLSStream, mode: KTLSMode) -> None:
+    info = stream.ktls_info
+    assert info is not None
+    assert info.tx_offload is info.rx_offload is (mode == "require"), info
+
+
+async def _wait_for_ticket(stream: KTLSStream) -> None:
+    """The reader task relays tickets as they arrive; in user space they are processed
+    when the application reads, which the callers do first."""
+    with trio.fail_after(60):
+        while not stream.session.has_ticket:  # noqa: ASYNC110 (no event to wait on)
+            await trio.sleep(0.05)
+
+
+@pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])
+@pytest.mark.parametrize("mode", MODES)
+async def test_resume_against_our_own_server(version: str, mode: KTLSMode) -> None:
+    server_ctx = server_context(version)
+    client_ctx = client_context(version)
+    reused_on_server: list[bool] = []
+
+    async def handler(stream: KTLSStream) -> None:
+        _assert_mode(stream, mode)
+        reused_on_server.append(stream.session_reused)
+        await stream.send_all(b"hi")
+        await stream.receive_some()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            partial(trio_ktls.serve_ktls_over_tcp, handler, 0, server_ctx, ktls=mode)
+        )
+        port = listeners[0].transport_listener.socket.getsockname()[1]
+        session = None
+        for attempt in range(2):
+            async with trio_ktls.open_ktls_stream(
+                "127.0.0.1", port, ssl_context=client_ctx, server_hostname=HOSTNAME,
+                ktls=mode, session=session,
+            ) as client:  # fmt: skip
+                _assert_mode(client, mode)
+                assert client.session_reused is (attempt == 1)
+                assert await client.receive_some() == b"hi"
+                await _wait_for_ticket(client)
+                session = client.session
+                if version == "TLSv1.3" and mode == "require":
+                    assert client.tickets_received >= 1
+        nursery.cancel_scope.cancel()
+    assert reused_on_server == [False, True]
+
+
+@needs_openssl
+@pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])
+@pytest.mark.parametrize("mode", MODES)
+async def test_resume_against_openssl_s_server(
+    tmp_path: Path, version: str, mode: KTLSMode
+) -> None:
+    server_pem = tmp_path / "server.pem"
+    SERVER_CERT.private_key_and_cert_chain_pem.write_to_path(str(server_pem))
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    await listener.aclose()
+    flag = "-tls1_3" if version == "TLSv1.3" else "-tls1_2"
+    args = [OPENSSL, "s_server", "-accept", f"127.0.0.1:{port}", "-quiet", "-naccept", "2",
+            "-cert", str(server_pem), "-key", str(server_pem), flag]  # fmt: skip
+    client_ctx = client_context(version)
+    async with trio.open_nursery() as nursery:
+        proc = await nursery.start(
+            partial(trio.run_process, args, stdin=subprocess.PIPE, check=False)
+        )
+        session = None
+        for attempt in range(2):
+            with trio.fail_after(120):
+                while True:
+                    try:
+                        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+                        break
+                    except OSError:
+                        await trio.sleep(0.1)
+            async with trio_ktls.wrap_stream(
+                tcp, client_ctx, server_hostname=HOSTNAME, ktls=mode, session=session
+            ) as client:
+                _assert_mode(client, mode)
+                assert client.session_reused is (attempt == 1)
+                await proc.stdin.send_all(b"hi\n")
+                assert await client.receive_some() == b"hi\n"
+                await _wait_for_ticket(client)
+                session = client.session
+        await proc.stdin.aclose()
+        with trio.fail_after(60):
+            await proc.wait()
+
+
+@needs_openssl
+@pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])
+@pytest.mark.parametrize("mode", MODES)
+async def test_openssl_s_client_resumes_with_our_server(
+    tmp_path: Path, version: str, mode: KTLSMode
+) -> None:
+    ca_pem = tmp_path / "ca.pem"
+    CA.cert_pem.write_to_path(str(ca_pem))
+    session_file = tmp_path / "session.pem"
+    server_ctx = server_context(version)
+    reused: list[bool] = []
+
+    async def handler(stream: KTLSStream) -> None:
+        _assert_mode(stream, mode)
+        reused.append(stream.session_reused)
+        await stream.send_all(b"bye\n")
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            partial(trio_ktls.serve_ktls_over_tcp, handler, 0, server_ctx, ktls=mode)
+        )
+        port = listeners[0].transport_listener.socket.getsockname()[1]
+        flag = "-tls1_3" if version == "TLSv1.3" else "-tls1_2"
+        for session_arg in ("-sess_out", "-sess_in"):
+            args = [OPENSSL, "s_client", "-connect", f"127.0.0.1:{port}", flag,
+                    "-CAfile", str(ca_pem), "-servername", HOSTNAME, "-ign_eof",
+                    session_arg, str(session_file)]  # fmt: skip
+            output = ProcessOutput()
+            async with trio.open_nursery() as client_nursery:
+                proc = await client_nursery.start(
+                    partial(
+                        trio.run_process, args, stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False,
+                    )
+                )  # fmt: skip
+                client_nursery.start_soon(output.collect, proc.stdout)
+                with trio.fail_after(120):
+                    await proc.wait()
+            assert proc.returncode == 0, output.data.decode(errors="replace")
+            assert b"bye" in output.data
+            expected = b"Reused," if session_arg == "-sess_in" else b"New,"
+            assert expected in output.data, output.data.decode(errors="replace")
+        nursery.cancel_scope.cancel()
+    assert reused == [False, True]
