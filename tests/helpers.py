@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 import trustme
 
@@ -99,3 +102,45 @@ class ProcessOutput:
     async def wait_for(self, marker: bytes) -> None:
         while marker not in self.data:
             await self._changed.wait()
+
+
+#: The two ways every stream test runs: user space on any host, and offloaded in the
+#: kernel matrix (where both directions must really be in the kernel).
+MODES = [pytest.param("off", id="user-space"), pytest.param("require", marks=pytest.mark.ktls)]
+
+OPENSSL = shutil.which("openssl")
+needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="the openssl command is not installed")
+
+
+def assert_mode(stream: KTLSStream, mode: KTLSMode) -> None:
+    """Both directions offloaded with ``require``, neither (with a reason) otherwise."""
+    info = stream.ktls_info
+    assert info is not None
+    assert info.tx_offload is info.rx_offload is (mode == "require"), info
+    assert (info.reason is None) is (mode == "require"), info
+
+
+async def receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = await stream.receive_some()
+        assert chunk, f"EOF after {len(data)} of {size} bytes"
+        data += chunk
+    return bytes(data)
+
+
+async def connect_when_listening(port: int) -> trio.SocketStream:
+    """Connect to a server process that may still be starting (slowly, in a guest)."""
+    with trio.fail_after(120):
+        while True:
+            try:
+                return await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.1)
+
+
+def server_pem_file(tmp_path: Path) -> Path:
+    """The test server's key and certificate chain, for openssl s_server."""
+    path = tmp_path / "server.pem"
+    SERVER_CERT.private_key_and_cert_chain_pem.write_to_path(str(path))
+    return path

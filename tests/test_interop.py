@@ -8,7 +8,6 @@ offloaded; on the host the same tests run in user space (``ktls="off"``).
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -20,7 +19,17 @@ import trio
 
 from trio_ktls import KTLSMode, KTLSStream
 
-from .helpers import CA, HOSTNAME, SERVER_CERT, client_context, server_context
+from .helpers import (
+    CA,
+    HOSTNAME,
+    MODES,
+    OPENSSL,
+    client_context,
+    connect_when_listening,
+    needs_openssl,
+    server_context,
+    server_pem_file,
+)
 
 SIZE = 16 * 1024 * 1024
 SUITES = [
@@ -31,9 +40,6 @@ SUITES = [
     ("TLSv1.2", "ECDHE-ECDSA-AES256-GCM-SHA384"),
     ("TLSv1.2", "ECDHE-ECDSA-CHACHA20-POLY1305"),
 ]
-MODES = [pytest.param("off", id="user-space"), pytest.param("require", marks=pytest.mark.ktls)]
-OPENSSL = shutil.which("openssl")
-needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="the openssl command is not installed")
 
 
 def _openssl_version_args(version: str, suite: str) -> list[str]:
@@ -66,8 +72,7 @@ async def _exchange(stream: KTLSStream, outgoing: bytes) -> bytes:
 
 
 def _pem_files(tmp_path: Path) -> tuple[Path, Path]:
-    server_pem, ca_pem = tmp_path / "server.pem", tmp_path / "ca.pem"
-    SERVER_CERT.private_key_and_cert_chain_pem.write_to_path(str(server_pem))
+    server_pem, ca_pem = server_pem_file(tmp_path), tmp_path / "ca.pem"
     CA.cert_pem.write_to_path(str(ca_pem))
     return server_pem, ca_pem
 
@@ -127,7 +132,7 @@ async def test_our_client_against_openssl_s_server(
             )
             assert proc.stdin is not None
             nursery.start_soon(proc.stdin.send_all, to_client)
-            tcp = await _connect_when_listening(port)
+            tcp = await connect_when_listening(port)
             stream = KTLSStream(tcp, client_context(version), nursery=nursery,
                                 server_hostname=HOSTNAME, ktls=mode)  # fmt: skip
             await stream.do_handshake()
@@ -138,15 +143,6 @@ async def test_our_client_against_openssl_s_server(
             await proc.stdin.aclose()
     assert proc.returncode == 0
     assert (tmp_path / "out").read_bytes() == to_server
-
-
-async def _connect_when_listening(port: int) -> trio.SocketStream:
-    with trio.fail_after(120):  # s_server starts slowly in an emulated guest
-        while True:
-            try:
-                return await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError:
-                await trio.sleep(0.1)
 
 
 def _stdlib_peer(sock: socket.socket, tls: ssl.SSLSocket, outgoing: bytes) -> bytes:

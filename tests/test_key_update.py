@@ -9,7 +9,6 @@ never deliver undecryptable data.
 from __future__ import annotations
 
 import random
-import shutil
 import subprocess
 from functools import partial
 from pathlib import Path
@@ -23,11 +22,14 @@ from trio_ktls._probe import read_tls_stat, tls13_rekey_supported
 from .conftest import GUEST_KERNEL
 from .helpers import (
     HOSTNAME,
-    SERVER_CERT,
+    OPENSSL,
     ProcessOutput,
     client_context,
+    connect_when_listening,
     ktls_pair_maker,
+    receive_exactly,
     server_context,
+    server_pem_file,
 )
 
 pytestmark = pytest.mark.ktls
@@ -44,15 +46,6 @@ def REKEY() -> bool:
 
 def _pattern(seed: int, size: int) -> bytes:
     return random.Random(seed).randbytes(size)
-
-
-async def _receive_exactly(stream: KTLSStream, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = await stream.receive_some()
-        assert chunk, f"EOF after {len(data)} of {size} bytes"
-        data += chunk
-    return bytes(data)
 
 
 async def test_many_key_updates_while_data_flows_both_ways() -> None:
@@ -85,7 +78,7 @@ async def test_many_key_updates_while_data_flows_both_ways() -> None:
                     await stream.update_keys()
 
         async def receiver(stream: KTLSStream, name: str) -> None:
-            received[name] = await _receive_exactly(stream, size)
+            received[name] = await receive_exactly(stream, size)
 
         async with trio.open_nursery() as io:
             io.start_soon(sender, client, 1)
@@ -123,7 +116,7 @@ async def test_key_update_refused_cleanly_without_kernel_rekey() -> None:
                 expected = 0
             # Refusing happens before anything is sent: the stream still works.
             await client.send_all(b"still fine")
-            assert await _receive_exactly(server, 10) == b"still fine"
+            assert await receive_exactly(server, 10) == b"still fine"
             assert client.ktls_info.key_updates_sent == expected  # type: ignore[union-attr]
             await client.aclose()
             await server.aclose()
@@ -184,7 +177,6 @@ async def test_automatic_rekey_at_lowered_threshold(version: str) -> None:
         await server.aclose()
 
 
-OPENSSL = shutil.which("openssl")
 SUITES_13 = ["TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"]
 
 
@@ -193,8 +185,6 @@ SUITES_13 = ["TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_P
 async def test_openssl_s_client_sends_key_updates(tmp_path: Path, suite: str) -> None:
     """openssl s_client, interactive: 'k' sends KeyUpdate, 'K' one that asks us to update
     too. On 6.14+ data keeps flowing both ways; before, our server fails clearly."""
-    server_pem = tmp_path / "server.pem"
-    SERVER_CERT.private_key_and_cert_chain_pem.write_to_path(str(server_pem))
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     port = listener.socket.getsockname()[1]
     args = [OPENSSL, "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3",
@@ -214,7 +204,7 @@ async def test_openssl_s_client_sends_key_updates(tmp_path: Path, suite: str) ->
         client_out = ProcessOutput()
         nursery.start_soon(client_out.collect, proc.stdout)
         await proc.stdin.send_all(b"one\n")
-        assert await _receive_exactly(server, 4) == b"one\n"
+        assert await receive_exactly(server, 4) == b"one\n"
         if not REKEY():
             await proc.stdin.send_all(b"k\n")
             with pytest.raises(KTLSRekeyUnsupportedError, match=r"6\.14"):
@@ -228,7 +218,7 @@ async def test_openssl_s_client_sends_key_updates(tmp_path: Path, suite: str) ->
             await proc.stdin.send_all(command)
             await trio.sleep(0.5)  # one read, one command
             await proc.stdin.send_all(line)
-            assert await _receive_exactly(server, len(line)) == line
+            assert await receive_exactly(server, len(line)) == line
             await server.send_all(b"echo " + line)
         with trio.fail_after(60):
             await client_out.wait_for(b"echo four\n")
@@ -247,8 +237,7 @@ async def test_openssl_s_client_sends_key_updates(tmp_path: Path, suite: str) ->
 @pytest.mark.skipif(OPENSSL is None, reason="the openssl command is not installed")
 @pytest.mark.parametrize("suite", SUITES_13)
 async def test_openssl_s_server_sends_key_updates(tmp_path: Path, suite: str) -> None:
-    server_pem = tmp_path / "server.pem"
-    SERVER_CERT.private_key_and_cert_chain_pem.write_to_path(str(server_pem))
+    server_pem = server_pem_file(tmp_path)
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     port = listener.socket.getsockname()[1]
     await listener.aclose()
@@ -264,18 +253,12 @@ async def test_openssl_s_server_sends_key_updates(tmp_path: Path, suite: str) ->
         )  # fmt: skip
         server_out = ProcessOutput()
         nursery.start_soon(server_out.collect, proc.stdout)
-        with trio.fail_after(120):
-            while True:
-                try:
-                    tcp = await trio.open_tcp_stream("127.0.0.1", port)
-                    break
-                except OSError:
-                    await trio.sleep(0.1)
+        tcp = await connect_when_listening(port)
         client = KTLSStream(tcp, client_context("TLSv1.3"), nursery=nursery,
                             server_hostname=HOSTNAME, ktls="require")  # fmt: skip
         await client.do_handshake()
         await proc.stdin.send_all(b"one\n")
-        assert await _receive_exactly(client, 4) == b"one\n"
+        assert await receive_exactly(client, 4) == b"one\n"
         if not REKEY():
             await proc.stdin.send_all(b"k\n")
             with pytest.raises(KTLSRekeyUnsupportedError, match=r"6\.14"):
@@ -287,7 +270,7 @@ async def test_openssl_s_server_sends_key_updates(tmp_path: Path, suite: str) ->
                 await proc.stdin.send_all(command)
                 await trio.sleep(0.5)
                 await proc.stdin.send_all(line)
-                assert await _receive_exactly(client, len(line)) == line
+                assert await receive_exactly(client, len(line)) == line
                 await client.send_all(b"echo " + line)
             with trio.fail_after(60):
                 await server_out.wait_for(b"echo three\n")

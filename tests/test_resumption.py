@@ -7,7 +7,6 @@ Either way ``stream.session`` must resume, and the resumed connection is offload
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from functools import partial
 from pathlib import Path
@@ -21,21 +20,16 @@ from trio_ktls import KTLSMode, KTLSStream
 from .helpers import (
     CA,
     HOSTNAME,
-    SERVER_CERT,
+    MODES,
+    OPENSSL,
     ProcessOutput,
+    assert_mode,
     client_context,
+    connect_when_listening,
+    needs_openssl,
     server_context,
+    server_pem_file,
 )
-
-MODES = [pytest.param("off", id="user-space"), pytest.param("require", marks=pytest.mark.ktls)]
-OPENSSL = shutil.which("openssl")
-needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="the openssl command is not installed")
-
-
-def _assert_mode(stream: KTLSStream, mode: KTLSMode) -> None:
-    info = stream.ktls_info
-    assert info is not None
-    assert info.tx_offload is info.rx_offload is (mode == "require"), info
 
 
 async def _wait_for_ticket(stream: KTLSStream) -> None:
@@ -54,7 +48,7 @@ async def test_resume_against_our_own_server(version: str, mode: KTLSMode) -> No
     reused_on_server: list[bool] = []
 
     async def handler(stream: KTLSStream) -> None:
-        _assert_mode(stream, mode)
+        assert_mode(stream, mode)
         reused_on_server.append(stream.session_reused)
         await stream.send_all(b"hi")
         await stream.receive_some()
@@ -70,7 +64,7 @@ async def test_resume_against_our_own_server(version: str, mode: KTLSMode) -> No
                 "127.0.0.1", port, ssl_context=client_ctx, server_hostname=HOSTNAME,
                 ktls=mode, session=session,
             ) as client:  # fmt: skip
-                _assert_mode(client, mode)
+                assert_mode(client, mode)
                 assert client.session_reused is (attempt == 1)
                 assert await client.receive_some() == b"hi"
                 await _wait_for_ticket(client)
@@ -87,8 +81,7 @@ async def test_resume_against_our_own_server(version: str, mode: KTLSMode) -> No
 async def test_resume_against_openssl_s_server(
     tmp_path: Path, version: str, mode: KTLSMode
 ) -> None:
-    server_pem = tmp_path / "server.pem"
-    SERVER_CERT.private_key_and_cert_chain_pem.write_to_path(str(server_pem))
+    server_pem = server_pem_file(tmp_path)
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     port = listener.socket.getsockname()[1]
     await listener.aclose()
@@ -102,17 +95,11 @@ async def test_resume_against_openssl_s_server(
         )
         session = None
         for attempt in range(2):
-            with trio.fail_after(120):
-                while True:
-                    try:
-                        tcp = await trio.open_tcp_stream("127.0.0.1", port)
-                        break
-                    except OSError:
-                        await trio.sleep(0.1)
+            tcp = await connect_when_listening(port)
             async with trio_ktls.wrap_stream(
                 tcp, client_ctx, server_hostname=HOSTNAME, ktls=mode, session=session
             ) as client:
-                _assert_mode(client, mode)
+                assert_mode(client, mode)
                 assert client.session_reused is (attempt == 1)
                 await proc.stdin.send_all(b"hi\n")
                 assert await client.receive_some() == b"hi\n"
@@ -136,7 +123,7 @@ async def test_openssl_s_client_resumes_with_our_server(
     reused: list[bool] = []
 
     async def handler(stream: KTLSStream) -> None:
-        _assert_mode(stream, mode)
+        assert_mode(stream, mode)
         reused.append(stream.session_reused)
         await stream.send_all(b"bye\n")
 

@@ -18,6 +18,8 @@ from trio_ktls import KTLSStream, KTLSUnavailableError
 from .conftest import kernel_probe
 from .helpers import (
     HOSTNAME,
+    MODES,
+    assert_mode,
     client_context,
     ktls_pair_maker,
     server_context,
@@ -25,18 +27,6 @@ from .helpers import (
 )
 
 VERSIONS = ["TLSv1.2", "TLSv1.3"]
-MODES = [pytest.param("off", id="user-space"), pytest.param("require", marks=pytest.mark.ktls)]
-
-
-def assert_offloaded(stream: KTLSStream, mode: str) -> None:
-    info = stream.ktls_info
-    assert info is not None
-    if mode == "require":
-        assert info.tx_offload and info.rx_offload, info
-        assert info.reason is None
-    else:
-        assert not info.tx_offload and not info.rx_offload
-        assert info.reason
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -47,8 +37,8 @@ async def test_two_way_conformance(version: str, mode: trio_ktls.KTLSMode) -> No
 
         async def checked() -> tuple[KTLSStream, KTLSStream]:
             client, server = await make()
-            assert_offloaded(client, mode)
-            assert_offloaded(server, mode)
+            assert_mode(client, mode)
+            assert_mode(server, mode)
             return client, server
 
         await trio.testing.check_two_way_stream(checked, None)
@@ -99,7 +89,7 @@ async def test_mixed_pair_with_trio_sslstream(
                 hs.start_soon(b.do_handshake)  # type: ignore[attr-defined]
             ktls_end = a if ktls_side == "client" else b
             assert isinstance(ktls_end, KTLSStream)
-            assert_offloaded(ktls_end, mode)
+            assert_mode(ktls_end, mode)
             return a, b
 
         await trio.testing.check_two_way_stream(make, None)

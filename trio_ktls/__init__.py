@@ -41,9 +41,11 @@ from ._probe import (
 from ._stream import KTLSInfo as KTLSInfo
 from ._stream import KTLSMode as KTLSMode
 from ._stream import KTLSStream as KTLSStream
+from ._writer import ConfidentialityLimitError as ConfidentialityLimitError
 
 __all__ = [
     "CipherSupport",
+    "ConfidentialityLimitError",
     "KTLSInfo",
     "KTLSListener",
     "KTLSMode",

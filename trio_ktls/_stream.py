@@ -20,15 +20,18 @@ caller's nursery (trio's idiom for objects that own tasks):
 
 3. **Data.** With both directions offloaded:
 
-   - ``send_all`` writes plaintext straight to the socket; the kernel makes records.
+   - ``send_all`` writes plaintext straight to the socket, ``send_file`` uses
+     ``sendfile(2)``; the kernel makes the records. Both go through the `KernelWriter`
+     (``_writer``), which owns record accounting and transmit key rotation.
    - A *reader task* loops on ``recvmsg`` with room for the record-type control message
      (``Documentation/networking/tls.rst``, "Receiving TLS control messages"). Data records
      fill a bounded buffer that ``receive_some`` drains; when the buffer is full the
      reader stops reading, so TCP flow control reaches the peer. Control records are
      handled even while the application only sends: alerts (close_notify is end of
-     stream, a fatal alert breaks the stream), TLS 1.3 NewSessionTicket (kept) and
-     KeyUpdate (RFC 8446 §4.6.3: new receive key; answer ``update_requested``), TLS 1.2
-     renegotiation attempts (refused with an alert).
+     stream, a fatal alert breaks the stream), TLS 1.3 NewSessionTicket (relayed to
+     OpenSSL for resumption, see ``_ticket_relay``) and KeyUpdate (RFC 8446 §4.6.3: new
+     receive key; answer ``update_requested``), TLS 1.2 renegotiation attempts (refused
+     with an alert).
    - ``send_eof`` sends close_notify as a type-21 record, then shuts down the write side.
 
    Without offload (``ktls="off"``, a kernel without kTLS, a cipher the kernel lacks) the
@@ -39,7 +42,8 @@ Invariants
 - ``_write_lock`` (a StrictFIFOLock) is held for every byte written to the socket after
   the handshake, by the application and by the reader task alike. A TX key change
   (KeyUpdate record, then ``TLS_TX``) happens under it, so no record is ever encrypted
-  under a key the peer does not expect.
+  under a key the peer does not expect. The reader task never *waits* for it: it asks the
+  writer for a KeyUpdate, which whoever holds the lock sends at the next chunk boundary.
 - A stream that broke stays broken: ``_state`` goes OK -> BROKEN or OK/BROKEN -> CLOSED,
   never back. The first failure is kept in ``_failure`` and raised (as a
   ``trio.BrokenResourceError``) by every later call. Data received before the failure is
@@ -60,8 +64,9 @@ import logging
 import operator
 import os
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final, Literal, final
+from typing import Any, BinaryIO, Final, Literal, final
 
 import trio
 
@@ -759,6 +764,52 @@ class KTLSStream(trio.abc.HalfCloseableStream):
     # -- the public stream API --------------------------------------------------------
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        async def write() -> None:
+            if self._writer is not None:
+                await self._writer.send_data(data)
+            else:
+                await self._user_space_send(data)
+
+        await self._send(write)
+
+    async def send_file(
+        self, file: int | BinaryIO, *, offset: int = 0, count: int | None = None
+    ) -> None:
+        """Send ``count`` bytes (default: to the end) of a regular file from ``offset``.
+
+        With transmit offload this is ``sendfile(2)``: the kernel encrypts straight from
+        the page cache and the bytes never pass through Python. Otherwise the file is read
+        in chunks (in a worker thread) and sent like ``send_all``. The file's own position
+        is not used or changed. Raises `EOFError` if the file is shorter than that.
+        """
+        fd = file if isinstance(file, int) else file.fileno()
+        if count is None:
+            count = os.fstat(fd).st_size - offset
+        if offset < 0 or count < 0:
+            raise ValueError("offset and count must not be negative")
+        total = count
+
+        async def write() -> None:
+            if self._writer is not None:
+                await self._writer.send_file(fd, offset, total)
+                return
+            position, remaining = offset, total
+            while remaining:
+                chunk = await trio.to_thread.run_sync(
+                    os.pread, fd, min(_USER_SPACE_WRITE_CHUNK, remaining), position
+                )
+                if not chunk:
+                    raise EOFError(f"the file ended {remaining} bytes before the requested count")
+                await self._user_space_send(chunk)
+                position += len(chunk)
+                remaining -= len(chunk)
+
+        await self._send(write)
+
+    async def _send(self, write: Callable[[], Awaitable[None]]) -> None:
+        """The common frame of every application write: misuse checks, the writer lock,
+        and turning failures into a broken stream (cancellation included, as in
+        trio.SSLStream: we cannot know how much went out)."""
         with self._send_conflict:
             await self.do_handshake()
             if self._eof_sent:
@@ -767,20 +818,21 @@ class KTLSStream(trio.abc.HalfCloseableStream):
             try:
                 async with self._write_lock:
                     self._check_status()
+                    await write()
                     if self._writer is not None:
-                        await self._writer.send_data(data)
                         await self._writer.service_pending()
-                    else:
-                        await self._user_space_send(data)
             except ConfidentialityLimitError as exc:
                 await self._close_at_limit(exc)
                 raise self._broken_error() from exc
             except trio.Cancelled:
-                self._fail(trio.BrokenResourceError("send_all was cancelled mid-write"))
+                self._fail(trio.BrokenResourceError("a write was cancelled midway"))
                 raise
             except (trio.BrokenResourceError, KTLSRekeyUnsupportedError) as exc:
                 self._fail(exc)
                 raise self._broken_error() from exc
+            except EOFError:
+                self._fail(trio.BrokenResourceError("send_file stopped short: file too short"))
+                raise
             except (ssl.SSLError, OSError) as exc:
                 self._fail(exc)
                 raise self._broken_error() from exc
