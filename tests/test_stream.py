@@ -27,10 +27,12 @@ from .helpers import (
 )
 
 VERSIONS = ["TLSv1.2", "TLSv1.3"]
+# "auto" runs where the suite runs: on the host it is the user-space fallback.
+CONFORMANCE_MODES = [pytest.param("auto", id="auto"), *MODES]
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", CONFORMANCE_MODES)
 async def test_two_way_conformance(version: str, mode: trio_ktls.KTLSMode) -> None:
     async with trio.open_nursery() as nursery:
         make = ktls_pair_maker(nursery, version, mode)
@@ -45,7 +47,7 @@ async def test_two_way_conformance(version: str, mode: trio_ktls.KTLSMode) -> No
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", CONFORMANCE_MODES)
 async def test_half_closeable_conformance(version: str, mode: trio_ktls.KTLSMode) -> None:
     async with trio.open_nursery() as nursery:
         await trio.testing.check_half_closeable_stream(
@@ -134,14 +136,19 @@ async def test_require_without_ktls_raises_with_reason() -> None:
         await server.aclose()
 
 
-async def test_failed_verification_is_a_clear_ssl_error() -> None:
+@pytest.mark.parametrize("mode", MODES)
+async def test_failed_verification_is_a_clear_ssl_error(mode: trio_ktls.KTLSMode) -> None:
     async with trio.open_nursery() as nursery:
         client_tcp, server_tcp = await tcp_pair()
         client = KTLSStream(
-            client_tcp, client_context("TLSv1.3"), nursery=nursery, server_hostname="wrong.example"
+            client_tcp,
+            client_context("TLSv1.3"),
+            nursery=nursery,
+            server_hostname="wrong.example",
+            ktls=mode,
         )
         server = KTLSStream(
-            server_tcp, server_context("TLSv1.3"), nursery=nursery, server_side=True
+            server_tcp, server_context("TLSv1.3"), nursery=nursery, server_side=True, ktls=mode
         )
 
         async def server_side() -> None:
