@@ -14,6 +14,7 @@ import trio.testing
 
 import trio_ktls
 from trio_ktls import KTLSStream, KTLSUnavailableError
+from trio_ktls._handoff import KeyLogTap
 
 from .conftest import kernel_probe
 from .helpers import (
@@ -159,6 +160,9 @@ async def test_failed_verification_is_a_clear_ssl_error(mode: trio_ktls.KTLSMode
         with pytest.raises(trio.BrokenResourceError, match="Hostname mismatch") as excinfo:
             await client.do_handshake()
         assert isinstance(excinfo.value.__cause__, ssl.SSLCertVerificationError)
+        if mode == "require":
+            # The failed connection's key-log lines were dropped (and zeroed), not kept.
+            assert len(KeyLogTap.for_context(client.context)._collector) == 0
         await client.aclose()
         await server.aclose()
 

@@ -354,6 +354,8 @@ class KTLSStream(trio.abc.HalfCloseableStream):
             raise
         finally:
             self._handshake_done.set()
+            if self._state is not _State.OK:
+                self._forget_secrets()
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if self._mode == "require" and self._tap is None:
@@ -1012,6 +1014,13 @@ class KTLSStream(trio.abc.HalfCloseableStream):
         finally:
             self._wipe()
         await self.transport_stream.aclose()
+
+    def _forget_secrets(self) -> None:
+        """Drop this connection's key-log lines if the handshake never reached handoff."""
+        client_random = self._observer.client_random
+        if self._tap is not None and client_random is not None:
+            self._tap.drain()
+            self._tap.discard(client_random)
 
     def _wipe(self) -> None:
         if self._keys is not None:
