@@ -1,4 +1,4 @@
-"""send_file: sendfile(2) through the kernel's TLS layer, and the writer lock around it."""
+"""send_file: files through the stream, and the writer lock around them."""
 
 from __future__ import annotations
 

@@ -20,8 +20,8 @@ caller's nursery (trio's idiom for objects that own tasks):
 
 3. **Data.** With both directions offloaded:
 
-   - ``send_all`` writes plaintext straight to the socket, ``send_file`` uses
-     ``sendfile(2)``; the kernel makes the records. Both go through the `KernelWriter`
+   - ``send_all`` and ``send_file`` write plaintext straight to the socket; the kernel
+     makes the records. Both go through the `KernelWriter`
      (``_writer``), which owns record accounting and transmit key rotation.
    - A *reader task* loops on ``recvmsg`` with room for the record-type control message
      (``Documentation/networking/tls.rst``, "Receiving TLS control messages"). Data records
@@ -779,10 +779,13 @@ class KTLSStream(trio.abc.HalfCloseableStream):
     ) -> None:
         """Send ``count`` bytes (default: to the end) of a regular file from ``offset``.
 
-        With transmit offload this is ``sendfile(2)``: the kernel encrypts straight from
-        the page cache and the bytes never pass through Python. Otherwise the file is read
-        in chunks (in a worker thread) and sent like ``send_all``. The file's own position
-        is not used or changed. Raises `EOFError` if the file is shorter than that.
+        The file is read in chunks in a worker thread (its own position is neither used
+        nor changed) and each chunk goes out like ``send_all``, under the writer lock.
+        Raises `EOFError`, and breaks the stream, if the file is shorter than that.
+
+        Not yet zero-copy: ``sendfile(2)`` into a non-blocking kTLS socket stalled in the
+        6.1 guest (both ends waiting, the data held back at the sender), so it is not used
+        until that is understood.
         """
         fd = file if isinstance(file, int) else file.fileno()
         if count is None:
@@ -792,9 +795,6 @@ class KTLSStream(trio.abc.HalfCloseableStream):
         total = count
 
         async def write() -> None:
-            if self._writer is not None:
-                await self._writer.send_file(fd, offset, total)
-                return
             position, remaining = offset, total
             while remaining:
                 chunk = await trio.to_thread.run_sync(
@@ -802,7 +802,10 @@ class KTLSStream(trio.abc.HalfCloseableStream):
                 )
                 if not chunk:
                     raise EOFError(f"the file ended {remaining} bytes before the requested count")
-                await self._user_space_send(chunk)
+                if self._writer is not None:
+                    await self._writer.send_data(chunk)
+                else:
+                    await self._user_space_send(chunk)
                 position += len(chunk)
                 remaining -= len(chunk)
 

@@ -42,7 +42,6 @@ from ._messages import MAX_PLAINTEXT, ContentType, encode_key_update
 
 #: Bytes per ``send`` between checks for pending work.
 CHUNK: Final = 256 * 1024
-_PAGE: Final = 4096
 
 
 class ConfidentialityLimitError(KTLSRekeyUnsupportedError):
@@ -104,26 +103,6 @@ class KernelWriter:
             sent = await self._sock.send(chunk)
             self._records += math.ceil(sent / MAX_PLAINTEXT)
             view = view[sent:]
-
-    async def send_file(self, fd: int, offset: int, count: int) -> None:
-        """``count`` bytes of a regular file, from ``offset``, with ``sendfile(2)``: the
-        kernel reads the page cache and encrypts; the bytes never enter Python."""
-        sock_fd = self._sock.fileno()
-        while count > 0:
-            await self.service_pending()
-            room = await self._records_left()
-            # sendfile hands the TLS layer pages, so a record may end at a page boundary:
-            # bound the count by pages, not by full records.
-            await trio.lowlevel.wait_writable(self._sock)
-            try:
-                sent = os.sendfile(sock_fd, fd, offset, min(CHUNK, count, room * _PAGE))
-            except BlockingIOError:
-                continue
-            if sent == 0:
-                raise EOFError(f"the file ended {count} bytes before the requested count")
-            self._records += math.ceil(sent / _PAGE) + 1
-            offset += sent
-            count -= sent
 
     async def send_control(self, content_type: int, payload: bytes) -> None:
         """One alert record through the kernel. Alerts may use the record that the limit
