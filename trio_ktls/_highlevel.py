@@ -33,9 +33,13 @@ async def wrap_stream(
     server_hostname: str | None = None,
     https_compatible: bool = False,
     ktls: KTLSMode = "auto",
+    rekey_after_records: int | None = None,
+    request_peer_rekey_after_records: int | None = None,
     session: ssl.SSLSession | None = None,
 ) -> AsyncIterator[KTLSStream]:
     """Yield a handshaken `KTLSStream` over ``transport_stream``; close it on exit.
+
+    The record-limit arguments are `KTLSStream`'s (RFC 8446 §5.5; None: the cipher's).
 
     Errors from the body and from the handshake propagate as themselves, not wrapped in
     an exception group by the nursery this context manager keeps inside.
@@ -50,6 +54,8 @@ async def wrap_stream(
             server_hostname=server_hostname,
             https_compatible=https_compatible,
             ktls=ktls,
+            rekey_after_records=rekey_after_records,
+            request_peer_rekey_after_records=request_peer_rekey_after_records,
             session=session,
         )
         try:
@@ -72,6 +78,8 @@ async def open_ktls_stream(
     server_hostname: str | None = None,
     https_compatible: bool = False,
     ktls: KTLSMode = "auto",
+    rekey_after_records: int | None = None,
+    request_peer_rekey_after_records: int | None = None,
     session: ssl.SSLSession | None = None,
     happy_eyeballs_delay: float = 0.25,
 ) -> AsyncIterator[KTLSStream]:
@@ -92,6 +100,8 @@ async def open_ktls_stream(
         server_hostname=server_hostname,
         https_compatible=https_compatible,
         ktls=ktls,
+        rekey_after_records=rekey_after_records,
+        request_peer_rekey_after_records=request_peer_rekey_after_records,
         session=session,
     ) as stream:
         yield stream
@@ -116,6 +126,8 @@ class KTLSListener(trio.abc.Listener[KTLSStream]):
         handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
         https_compatible: bool = False,
         ktls: KTLSMode = "auto",
+        rekey_after_records: int | None = None,
+        request_peer_rekey_after_records: int | None = None,
     ) -> None:
         self.transport_listener: Final = transport_listener
         self._ssl_context = ssl_context
@@ -123,6 +135,8 @@ class KTLSListener(trio.abc.Listener[KTLSStream]):
         self._handshake_timeout = handshake_timeout
         self._https_compatible = https_compatible
         self._ktls: KTLSMode = ktls
+        self._rekey_after = rekey_after_records
+        self._request_peer_rekey_after = request_peer_rekey_after_records
 
     async def accept(self) -> KTLSStream:
         transport = await self.transport_listener.accept()
@@ -133,6 +147,8 @@ class KTLSListener(trio.abc.Listener[KTLSStream]):
             server_side=True,
             https_compatible=self._https_compatible,
             ktls=self._ktls,
+            rekey_after_records=self._rekey_after,
+            request_peer_rekey_after_records=self._request_peer_rekey_after,
             handshake_timeout=self._handshake_timeout,
         )
 
@@ -149,6 +165,8 @@ async def serve_ktls_over_tcp(
     https_compatible: bool = False,
     handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
     ktls: KTLSMode = "auto",
+    rekey_after_records: int | None = None,
+    request_peer_rekey_after_records: int | None = None,
     backlog: int | None = None,
     task_status: trio.TaskStatus[list[KTLSListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -170,6 +188,8 @@ async def serve_ktls_over_tcp(
                 handshake_timeout=handshake_timeout,
                 https_compatible=https_compatible,
                 ktls=ktls,
+                rekey_after_records=rekey_after_records,
+                request_peer_rekey_after_records=request_peer_rekey_after_records,
             )
             for listener in tcp_listeners
         ]
