@@ -9,7 +9,10 @@ in-memory file that never reaches disk, reads each connection's lines after ever
 ``do_handshake()`` step, truncates the memfd (wiping what it held) and, if the user had
 pointed ``keylog_filename`` at a file of their own for debugging, appends the same lines
 there so their tools keep working. Lines are matched to a connection by its client_random,
-taken from the ClientHello (`HandshakeObserver`).
+taken from the ClientHello (`HandshakeObserver`). Draining is read-then-truncate: safe for
+any number of trio tasks (one thread), but another *thread* handshaking on the same
+context at that instant could lose a line, and its connection would then stay in user
+space. Give such threads their own context.
 
 From the secrets (`derive_handoff_keys`):
 
