@@ -123,19 +123,22 @@ async def test_key_update_refused_cleanly_without_kernel_rekey() -> None:
 
 
 @pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])
-async def test_automatic_rekey_at_lowered_threshold(version: str) -> None:
-    """rekey_after_records=200 on the client; the server asks the client for new keys
-    after 150 records. The kernel's rec_seq never passes the threshold. Where keys cannot
-    be replaced (TLS 1.2, kernels before 6.14) the client closes cleanly at the limit."""
+@pytest.mark.parametrize("trigger", ["own-limit", "peer-request"])
+async def test_automatic_rekey_at_lowered_threshold(version: str, trigger: str) -> None:
+    """own-limit: ``rekey_after_records=200`` on the sender, whose kernel rec_seq must
+    never pass it. peer-request: the receiver asks the sender for new keys once the
+    sender's records reach 150. Where keys cannot be replaced (TLS 1.2, kernels before
+    6.14) the sender closes cleanly at its own limit, and the receiver asks for nothing."""
     threshold = 200
     rotates = version == "TLSv1.3" and REKEY()
+    own_limit = trigger == "own-limit"
     async with trio.open_nursery() as nursery:
         client, server = await ktls_pair_maker(
             nursery,
             version,
             "require",
-            client_options={"rekey_after_records": threshold},
-            server_options={"request_peer_rekey_after_records": 150},
+            client_options={"rekey_after_records": threshold} if own_limit else {},
+            server_options={} if own_limit else {"request_peer_rekey_after_records": 150},
         )()
         sock = client.transport_stream.socket
         cipher = _kernel.KERNEL_CIPHER_FOR_AEAD[client._suite.aead]  # type: ignore[union-attr]
@@ -155,24 +158,34 @@ async def test_automatic_rekey_at_lowered_threshold(version: str) -> None:
                     await client.send_all(data[start : start + 32 * 1024])
                     seq = _kernel.read_rec_seq(sock, _kernel.TLS_TX, cipher)
                     highest_seq = max(highest_seq, seq)
-                    assert seq <= threshold
+                    if own_limit:
+                        assert seq <= threshold
                 await client.send_eof()
             except KTLSRekeyUnsupportedError as exc:
                 refused = exc
-        assert (refused is None) is rotates, refused
-        assert refused is None or "limit" in str(refused)
-        info = client.ktls_info
+        info, server_info = client.ktls_info, server.ktls_info
         assert info is not None
-        if rotates:
+        assert server_info is not None
+        if rotates or not own_limit:
+            assert refused is None, refused
             assert bytes(received) == data
+        if rotates:
             assert info.key_updates_sent >= len(data) // (16384 * threshold)
-            assert server.ktls_info.key_updates_received == info.key_updates_sent  # type: ignore[union-attr]
-        else:
+            assert server_info.key_updates_received == info.key_updates_sent
+            if not own_limit:  # the requests were KeyUpdates from the server
+                assert server_info.key_updates_sent >= 2
+        elif own_limit:
             # Closed cleanly: what arrived is an exact prefix, then close_notify.
-            assert info.key_updates_sent == 0
+            assert refused is not None
+            assert "limit" in str(refused)
             assert 0 < len(received) < len(data)
             assert bytes(received) == data[: len(received)]
-        print(f"{version}: highest TX rec_seq {highest_seq}, key updates {info.key_updates_sent}")
+        else:
+            assert info.key_updates_sent == server_info.key_updates_sent == 0
+        print(
+            f"{version} {trigger}: highest TX rec_seq {highest_seq}, "
+            f"key updates {info.key_updates_sent}"
+        )
         await client.aclose()
         await server.aclose()
 
