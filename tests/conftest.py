@@ -10,20 +10,12 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable, Generator
 
 import pytest
 
-import trio_ktls
-
-GUEST_KERNEL = os.environ.get("TRIO_KTLS_GUEST_KERNEL")
-
-
-@functools.cache
-def kernel_probe() -> trio_ktls.ProbeResult:
-    return trio_ktls.probe()
+from .helpers import GUEST_KERNEL, kernel_probe
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

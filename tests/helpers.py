@@ -1,10 +1,23 @@
-"""Shared test helpers: a trustme CA, TLS contexts, connected TCP pairs."""
+"""Shared test helpers, the only module tests import from (besides the package).
+
+A trustme CA and TLS contexts; one loopback TCP pair; one in-memory handshake driver; one
+``openssl`` launcher; and the kernel matrix's table of kernel lines (from
+``tools/kernel_lab.py``, which boots them), so that tests know what the guest they run in
+can do.
+"""
 
 from __future__ import annotations
 
+import functools
+import os
 import shutil
+import socket
 import ssl
-from collections.abc import Awaitable, Callable
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -12,19 +25,48 @@ import pytest
 import trio
 import trustme
 
+import trio_ktls
 from trio_ktls import KTLSMode, KTLSStream
+from trio_ktls._keyschedule import tls_version_from_name
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import kernel_lab
+
+#: The kernel line whose guest runs these tests (set by the kernel lab), or None on a host.
+GUEST_KERNEL = os.environ.get("TRIO_KTLS_GUEST_KERNEL")
+#: The matrix's kernel lines and what each can do.
+KERNEL_LINES = kernel_lab.KERNEL_LINES
+
+
+@functools.cache
+def kernel_probe() -> trio_ktls.ProbeResult:
+    return trio_ktls.probe()
+
+
+def kernel_can_rekey() -> bool:
+    """TLS 1.3 rekey here: from the matrix's table in a guest (so a kernel that lost it
+    fails the tests), from the probe elsewhere."""
+    if GUEST_KERNEL is not None:
+        return KERNEL_LINES[GUEST_KERNEL].tls13_rekey
+    return bool(kernel_probe().tls13_tx_rekey and kernel_probe().tls13_rx_rekey)
 
 CA = trustme.CA()
 SERVER_CERT = CA.issue_cert("trio-ktls.example", "127.0.0.1")
 HOSTNAME = "trio-ktls.example"
 
-TLS_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
+VERSIONS = ["TLSv1.2", "TLSv1.3"]
+
+
+def _tls_version(name: str) -> ssl.TLSVersion:
+    version = tls_version_from_name(name)
+    assert version is not None, name
+    return version
 
 
 def server_context(version: str, *, ciphers: str | None = None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     SERVER_CERT.configure_cert(ctx)
-    ctx.minimum_version = ctx.maximum_version = TLS_VERSIONS[version]
+    ctx.minimum_version = ctx.maximum_version = _tls_version(version)
     if ciphers:
         ctx.set_ciphers(ciphers)
     return ctx
@@ -33,7 +75,7 @@ def server_context(version: str, *, ciphers: str | None = None) -> ssl.SSLContex
 def client_context(version: str) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     CA.configure_trust(ctx)
-    ctx.minimum_version = ctx.maximum_version = TLS_VERSIONS[version]
+    ctx.minimum_version = ctx.maximum_version = _tls_version(version)
     return ctx
 
 
@@ -112,11 +154,64 @@ OPENSSL = shutil.which("openssl")
 needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="the openssl command is not installed")
 
 
+@dataclass
+class OpenSSLProcess:
+    """A running ``openssl`` with its pipes (each asserted to exist when used)."""
+
+    process: trio.Process
+
+    @property
+    def stdin(self) -> trio.abc.SendStream:
+        assert self.process.stdin is not None
+        return self.process.stdin
+
+    @property
+    def stdout(self) -> trio.abc.ReceiveStream:
+        assert self.process.stdout is not None
+        return self.process.stdout
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    async def wait(self) -> int:
+        return await self.process.wait()
+
+
+async def start_openssl(
+    nursery: trio.Nursery,
+    args: Sequence[str],
+    *,
+    stdin: Any = subprocess.PIPE,
+    stdout: Any = subprocess.PIPE,
+    stderr: Any = subprocess.DEVNULL,
+) -> OpenSSLProcess:
+    """``openssl ARGS...`` as a child of ``nursery`` (not checked: tests read its status)."""
+    assert OPENSSL is not None
+    process: trio.Process = await nursery.start(
+        partial(
+            trio.run_process,
+            [OPENSSL, *args],
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            check=False,
+        )
+    )
+    return OpenSSLProcess(process)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (for a server process to take)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
 def assert_mode(stream: KTLSStream, mode: KTLSMode) -> None:
     """Both directions offloaded with ``require`` (and with ``auto`` where the kernel has
     kTLS); neither, with a reason, otherwise."""
-    from .conftest import kernel_probe
-
     offloaded = mode == "require" or (mode == "auto" and kernel_probe().available)
     info = stream.ktls_info
     assert info is not None
@@ -148,3 +243,89 @@ def server_pem_file(tmp_path: Path) -> Path:
     path = tmp_path / "server.pem"
     SERVER_CERT.private_key_and_cert_chain_pem.write_to_path(str(path))
     return path
+
+
+@dataclass
+class MemoryHandshake:
+    """A finished handshake between two ``SSLObject``\\s over memory BIOs."""
+
+    client: ssl.SSLObject
+    server: ssl.SSLObject
+    client_out: ssl.MemoryBIO
+    server_out: ssl.MemoryBIO
+    #: ("client" or "server", what one ``do_handshake()`` call wrote), in order.
+    flights: list[tuple[str, bytes]] = field(default_factory=list)
+
+    def sent_by(self, side: str) -> bytes:
+        return b"".join(data for who, data in self.flights if who == side)
+
+    @property
+    def server_final_flight(self) -> bytes:
+        """What the call that finished the server's handshake wrote (TLS 1.3 tickets,
+        TLS 1.2 ChangeCipherSpec and Finished)."""
+        return [data for who, data in self.flights if who == "server"][-1]
+
+
+def handshake_in_memory(
+    client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext, *, server_hostname: str = HOSTNAME
+) -> MemoryHandshake:
+    """Run a handshake with no sockets, each side's output delivered after each call."""
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname=server_hostname)
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    result = MemoryHandshake(client, server, c_out, s_out)
+    done = {"client": False, "server": False}
+    for _ in range(10):
+        sides = (("client", client, c_out, s_in), ("server", server, s_out, c_in))
+        for side, obj, out, peer_in in sides:
+            if done[side]:
+                continue
+            try:
+                obj.do_handshake()
+                done[side] = True
+            except ssl.SSLWantReadError:
+                pass
+            data = out.read()
+            result.flights.append((side, data))
+            peer_in.write(data)
+        if all(done.values()):
+            return result
+    raise AssertionError("in-memory handshake did not finish")
+
+
+# --- RFC 8448 §3 (a TLS 1.3 trace with its secrets): values two test modules share ----
+
+
+def h(text: str) -> bytes:
+    """Hex with any whitespace (RFC traces paste verbatim)."""
+    return bytes.fromhex(text)
+
+
+S_AP_TRAFFIC = h("a11af9f05531f856ad47116b45a950328204b4f44bfb6b3a4b4f1f3fcb631643")
+RFC8448_TICKET_RECORD = h(
+    """17 03 03 00 de 3a 6b 8f 90 41 4a 97
+    d6 95 9c 34 87 68 0d e5 13 4a 2b 24 0e 6c ff ac 11 6e 95 d4 1d
+    6a f8 f6 b5 80 dc f3 d1 1d 63 c7 58 db 28 9a 01 59 40 25 2f 55
+    71 3e 06 1d c1 3e 07 88 91 a3 8e fb cf 57 53 ad 8e f1 70 ad 3c
+    73 53 d1 6d 9d a7 73 b9 ca 7f 2b 9f a1 b6 c0 d4 a3 d0 3f 75 e0
+    9c 30 ba 1e 62 97 2a c4 6f 75 f7 b9 81 be 63 43 9b 29 99 ce 13
+    06 46 15 13 98 91 d5 e4 c5 b4 06 f1 6e 3f c1 81 a7 7c a4 75 84
+    00 25 db 2f 0a 77 f8 1b 5a b0 5b 94 c0 13 46 75 5f 69 23 2c 86
+    51 9d 86 cb ee ac 87 aa c3 47 d1 43 f9 60 5d 64 f6 50 db 4d 02
+    3e 70 e9 52 ca 49 fe 51 37 12 1c 74 bc 26 97 68 7e 24 87 46 d6
+    df 35 30 05 f3 bc e1 86 96 12 9c 81 53 55 6b 3b 6c 67 79 b3 7b
+    f1 59 85 68 4f"""
+)
+RFC8448_TICKET = h(
+    """04 00 00 c9 00 00 00 1e fa d6 aa c5 02 00
+    00 00 b2 2c 03 5d 82 93 59 ee 5f f7 af 4e c9 00 00 00 00 26 2a
+    64 94 dc 48 6d 2c 8a 34 cb 33 fa 90 bf 1b 00 70 ad 3c 49 88 83
+    c9 36 7c 09 a2 be 78 5a bc 55 cd 22 60 97 a3 a9 82 11 72 83 f8
+    2a 03 a1 43 ef d3 ff 5d d3 6d 64 e8 61 be 7f d6 1d 28 27 db 27
+    9c ce 14 50 77 d4 54 a3 66 4d 4e 6d a4 d2 9e e0 37 25 a6 a4 da
+    fc d0 fc 67 d2 ae a7 05 29 51 3e 3d a2 67 7f a5 90 6c 5b 3f 7d
+    8f 92 f2 28 bd a4 0d da 72 14 70 f9 fb f2 97 b5 ae a6 17 64 6f
+    ac 5c 03 27 2e 97 07 27 c6 21 a7 91 41 ef 5f 7d e6 50 5e 5b fb
+    c3 88 e9 33 43 69 40 93 93 4a e4 d3 57 00 08 00 2a 00 04 00 00
+    04 00"""
+)

@@ -14,49 +14,26 @@ from trio_ktls._handoff import (
     KeyLogTap,
     derive_handoff_keys,
     initial_sequence_numbers,
+    split_records,
 )
-from trio_ktls._kernel import TLSVersion
 from trio_ktls._keyschedule import lookup_suite
 
-from .helpers import HOSTNAME, client_context, server_context
+from .helpers import client_context, handshake_in_memory, server_context
 
 
-def _handshake(
+def _observed_handshake(
     client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext
-) -> tuple[ssl.SSLObject, ssl.SSLObject, HandshakeObserver, HandshakeObserver]:
-    """Run a handshake in memory, both observers watching, as the stream would."""
-    bios = [ssl.MemoryBIO() for _ in range(4)]
-    client = client_ctx.wrap_bio(bios[0], bios[1], server_hostname=HOSTNAME)
-    server = server_ctx.wrap_bio(bios[2], bios[3], server_side=True)
-    watch_client, watch_server = HandshakeObserver(False), HandshakeObserver(True)
-    done = {"client": False, "server": False}
-    for _ in range(10):
-        for name, obj, out, peer_in, mine, theirs in (
-            ("client", client, bios[1], bios[2], watch_client, watch_server),
-            ("server", server, bios[3], bios[0], watch_server, watch_client),
-        ):
-            try:
-                obj.do_handshake()
-                done[name] = True
-            except ssl.SSLWantReadError:
-                pass
-            data = out.read()
-            mine.outgoing(data)
-            for record_start in _record_offsets(data):
-                length = int.from_bytes(data[record_start + 3 : record_start + 5], "big")
-                theirs.incoming(data[record_start : record_start + 5 + length])
-            peer_in.write(data)
-        if all(done.values()):
-            return client, server, watch_client, watch_server
-    raise AssertionError("handshake did not finish")
-
-
-def _record_offsets(data: bytes) -> list[int]:
-    offsets, at = [], 0
-    while at + 5 <= len(data):
-        offsets.append(at)
-        at += 5 + int.from_bytes(data[at + 3 : at + 5], "big")
-    return offsets
+) -> tuple[ssl.SSLObject, HandshakeObserver, HandshakeObserver]:
+    """A handshake in memory with both observers watching, as the stream's would: each
+    side's flushes whole, and each record the other side reads."""
+    handshake = handshake_in_memory(client_ctx, server_ctx)
+    watch = {"client": HandshakeObserver(False), "server": HandshakeObserver(True)}
+    for side, data in handshake.flights:
+        watch[side].outgoing(data)
+        peer = watch["server" if side == "client" else "client"]
+        for content_type, body in split_records(data):
+            peer.incoming(bytes([content_type, 3, 3]) + len(body).to_bytes(2, "big") + body)
+    return handshake.client, watch["client"], watch["server"]
 
 
 def test_tap_captures_in_memory_and_keeps_feeding_the_users_file(tmp_path: Path) -> None:
@@ -66,7 +43,7 @@ def test_tap_captures_in_memory_and_keeps_feeding_the_users_file(tmp_path: Path)
     tap = KeyLogTap.for_context(client_ctx)
     assert KeyLogTap.for_context(client_ctx) is tap
     assert client_ctx.keylog_filename.startswith("/proc/self/fd/")
-    _, _, watch_client, _ = _handshake(client_ctx, server_context("TLSv1.3"))
+    _, watch_client, _ = _observed_handshake(client_ctx, server_context("TLSv1.3"))
     tap.drain()
     assert watch_client.client_random is not None
     secrets = tap.take(watch_client.client_random)
@@ -81,10 +58,10 @@ def test_both_ends_derive_matching_keys(version: str) -> None:
     """Each side's transmit key and IV are the other side's receive key and IV."""
     client_ctx, server_ctx = client_context(version), server_context(version)
     taps = {False: KeyLogTap.for_context(client_ctx), True: KeyLogTap.for_context(server_ctx)}
-    client, _, watch_client, watch_server = _handshake(client_ctx, server_ctx)
+    client, watch_client, watch_server = _observed_handshake(client_ctx, server_ctx)
     assert watch_client.client_random == watch_server.client_random is not None
     assert watch_client.server_random == watch_server.server_random is not None
-    tls_version = TLSVersion.TLS1_3 if version == "TLSv1.3" else TLSVersion.TLS1_2
+    tls_version = ssl.TLSVersion.TLSv1_3 if version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
     cipher = client.cipher()
     assert cipher is not None
     suite = lookup_suite(cipher[0], tls_version)
@@ -114,11 +91,11 @@ def test_both_ends_derive_matching_keys(version: str) -> None:
 
 def test_initial_sequence_numbers() -> None:
     assert initial_sequence_numbers(
-        TLSVersion.TLS1_2, server_side=True, final_flush_protected_records=0
+        ssl.TLSVersion.TLSv1_2, server_side=True, final_flush_protected_records=0
     ) == (1, 1)
     assert initial_sequence_numbers(
-        TLSVersion.TLS1_3, server_side=False, final_flush_protected_records=3
+        ssl.TLSVersion.TLSv1_3, server_side=False, final_flush_protected_records=3
     ) == (0, 0)
     assert initial_sequence_numbers(
-        TLSVersion.TLS1_3, server_side=True, final_flush_protected_records=2
+        ssl.TLSVersion.TLSv1_3, server_side=True, final_flush_protected_records=2
     ) == (2, 0)

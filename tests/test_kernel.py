@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 
 import pytest
 import trio
 
 from trio_ktls import _kernel
-from trio_ktls._kernel import CryptoInfo, KernelCipher, TLSVersion
+from trio_ktls._kernel import CryptoInfo, KernelCipher
+from trio_ktls._keyschedule import KTLS_VERSIONS
 
-from .conftest import kernel_probe
+from .helpers import kernel_probe, tcp_pair
 
 MiB = 1024 * 1024
-_ALL_PAIRS = [(v, c) for v in TLSVersion for c in KernelCipher]
+_ALL_PAIRS = [(v, c) for v in KTLS_VERSIONS for c in KernelCipher]
 
 
-def _key(version: TLSVersion, cipher: KernelCipher, seed: bytes) -> CryptoInfo:
+def _key(version: ssl.TLSVersion, cipher: KernelCipher, seed: bytes) -> CryptoInfo:
     material = (seed * 64)[: _kernel.key_size(cipher) + 12]
     key = material[: _kernel.key_size(cipher)]
     iv = material[len(key) : len(key) + _kernel.write_iv_size(version, cipher)]
@@ -31,7 +33,7 @@ def _key(version: TLSVersion, cipher: KernelCipher, seed: bytes) -> CryptoInfo:
 
 def test_crypto_info_layout_tls13_aes() -> None:
     info = CryptoInfo(
-        TLSVersion.TLS1_3,
+        ssl.TLSVersion.TLSv1_3,
         KernelCipher.AES_GCM_128,
         key=bytes(range(16)),
         write_iv=bytes(range(100, 112)),
@@ -51,7 +53,7 @@ def test_crypto_info_layout_tls13_aes() -> None:
 
 def test_crypto_info_layout_tls12_gcm_uses_sequence_as_explicit_nonce() -> None:
     info = CryptoInfo(
-        TLSVersion.TLS1_2,
+        ssl.TLSVersion.TLSv1_2,
         KernelCipher.AES_GCM_256,
         key=bytes(32),
         write_iv=b"\xaa\xbb\xcc\xdd",
@@ -64,7 +66,7 @@ def test_crypto_info_layout_tls12_gcm_uses_sequence_as_explicit_nonce() -> None:
 
 
 def test_crypto_info_layout_chacha_has_no_salt() -> None:
-    for version in TLSVersion:
+    for version in KTLS_VERSIONS:
         info = CryptoInfo(
             version,
             KernelCipher.CHACHA20_POLY1305,
@@ -79,7 +81,7 @@ def test_crypto_info_layout_chacha_has_no_salt() -> None:
 def test_crypto_info_rejects_wrong_sizes() -> None:
     with pytest.raises(ValueError, match="16-byte key"):
         CryptoInfo(
-            TLSVersion.TLS1_3,
+            ssl.TLSVersion.TLSv1_3,
             KernelCipher.AES_GCM_128,
             key=bytes(32),
             write_iv=bytes(12),
@@ -87,7 +89,7 @@ def test_crypto_info_rejects_wrong_sizes() -> None:
         )
     with pytest.raises(ValueError, match="4-byte implicit IV"):
         CryptoInfo(
-            TLSVersion.TLS1_2,
+            ssl.TLSVersion.TLSv1_2,
             KernelCipher.AES_GCM_128,
             key=bytes(16),
             write_iv=bytes(12),
@@ -99,24 +101,6 @@ def test_record_type_from_ancdata() -> None:
     assert _kernel.record_type_from_ancdata([]) is None
     assert _kernel.record_type_from_ancdata([(_kernel.SOL_TLS, 2, b"\x15")]) == 21
     assert _kernel.record_type_from_ancdata([(socket.SOL_SOCKET, 2, b"\x15")]) is None
-
-
-async def _loopback_pair() -> tuple[trio.socket.SocketType, trio.socket.SocketType]:
-    listener = trio.socket.socket()
-    await listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    client = trio.socket.socket()
-    await client.connect(listener.getsockname())
-    server, _ = await listener.accept()
-    listener.close()
-    return client, server
-
-
-async def _send_all(sock: trio.socket.SocketType, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        sent = await sock.send(view[: 256 * 1024])
-        view = view[sent:]
 
 
 async def _receive_exactly(sock: trio.socket.SocketType, size: int) -> bytes:
@@ -133,13 +117,14 @@ async def _receive_exactly(sock: trio.socket.SocketType, size: int) -> bytes:
 
 @pytest.mark.ktls
 @pytest.mark.parametrize(("version", "cipher"), _ALL_PAIRS, ids=lambda p: p.name)
-async def test_raw_ktls_round_trip(version: TLSVersion, cipher: KernelCipher) -> None:
+async def test_raw_ktls_round_trip(version: ssl.TLSVersion, cipher: KernelCipher) -> None:
     """1 MiB each way, byte-exact, plus a control record each way, on a raw kTLS pair.
 
     Where the probe says the kernel refuses this pair, the test checks that the refusal
     is a clean OSError at install time rather than skipping.
     """
-    a, b = await _loopback_pair()
+    a_stream, b_stream = await tcp_pair()
+    a, b = a_stream.socket, b_stream.socket
     with a, b:
         for s in (a, b):
             _kernel.attach_ulp(s)
@@ -156,15 +141,15 @@ async def test_raw_ktls_round_trip(version: TLSVersion, cipher: KernelCipher) ->
         got: dict[str, bytes] = {}
 
         async def pump(
-            tx: trio.socket.SocketType, rx: trio.socket.SocketType, payload: bytes, name: str
+            tx: trio.SocketStream, rx: trio.socket.SocketType, payload: bytes, name: str
         ) -> None:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_send_all, tx, payload)
+                nursery.start_soon(tx.send_all, payload)
                 got[name] = await _receive_exactly(rx, len(payload))
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump, a, b, a_to_b, "a->b")
-            nursery.start_soon(pump, b, a, b_to_a, "b->a")
+            nursery.start_soon(pump, a_stream, b, a_to_b, "a->b")
+            nursery.start_soon(pump, b_stream, a, b_to_a, "b->a")
         assert got["a->b"] == a_to_b
         assert got["b->a"] == b_to_a
 

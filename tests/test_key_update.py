@@ -2,46 +2,50 @@
 
 All in the kernel matrix. Where the kernel can replace kTLS keys (6.14+: the 6.18 and 7.x
 guests) data must keep flowing byte-exact through every update; where it cannot (6.1,
-6.12) the stream must refuse or fail with `KTLSRekeyUnsupportedError`, never hang and
-never deliver undecryptable data.
+6.12) ``update_keys`` must refuse with `KeyUpdateUnavailableError` (the stream still
+works), and a peer's KeyUpdate must break the stream with `KTLSRekeyFailedError`: never a
+hang, never undecryptable data.
 """
 
 from __future__ import annotations
 
 import random
-import subprocess
-from functools import partial
+import threading
 from pathlib import Path
 
 import pytest
 import trio
+import trio.lowlevel
 
-from trio_ktls import KTLSRekeyUnsupportedError, KTLSStream, _kernel
+from trio_ktls import (
+    ConfidentialityLimitError,
+    KeyUpdateUnavailableError,
+    KTLSRekeyFailedError,
+    KTLSStream,
+    _kernel,
+)
+from trio_ktls._keyschedule import lookup_suite, tls_version_from_name
 from trio_ktls._probe import read_tls_stat, tls13_rekey_supported
 
-from .conftest import GUEST_KERNEL
 from .helpers import (
     HOSTNAME,
     OPENSSL,
     ProcessOutput,
     client_context,
     connect_when_listening,
+    free_port,
+    kernel_can_rekey,
     ktls_pair_maker,
     receive_exactly,
     server_context,
     server_pem_file,
+    start_openssl,
 )
 
 pytestmark = pytest.mark.ktls
 
 MiB = 1024 * 1024
-# The guests' kernel lines and whether they can rekey (also asserted by test_probe).
-
-
-def REKEY() -> bool:
-    if GUEST_KERNEL is None:
-        return tls13_rekey_supported()
-    return GUEST_KERNEL in ("6.18", "7")
+REKEY = kernel_can_rekey
 
 
 def _pattern(seed: int, size: int) -> bytes:
@@ -74,7 +78,7 @@ async def test_many_key_updates_while_data_flows_both_ways() -> None:
                 done += 1
             if not updates:
                 # Before 6.14: refused up front, and the data flow is not disturbed.
-                with pytest.raises(KTLSRekeyUnsupportedError, match=r"6\.14"):
+                with pytest.raises(KeyUpdateUnavailableError, match=r"6\.14"):
                     await stream.update_keys()
 
         async def receiver(stream: KTLSStream, name: str) -> None:
@@ -103,6 +107,49 @@ async def test_many_key_updates_while_data_flows_both_ways() -> None:
     print(f"key updates: {sent} (TlsTxRekeyOk and TlsRxRekeyOk agree)")
 
 
+async def test_first_key_update_probes_the_kernel_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whether the kernel can rekey is found out once per process by rekeying throw-away
+    sockets (blocking calls and waits). In a fresh process (the cached answer cleared
+    here) the first key update must find it out in a worker thread: the instrumented
+    probe below cannot finish unless another task on the event loop ticks meanwhile."""
+    from trio_ktls import _probe
+
+    monkeypatch.setattr(_probe, "_rekey_answer", None)
+    _probe.tls13_rekey_supported.cache_clear()
+    real_probe = _probe._probe_rekey
+    probe_running, ticked_meanwhile = threading.Event(), threading.Event()
+    trio_thread = threading.current_thread()
+
+    def instrumented() -> tuple[bool | None, bool | None, str | None]:
+        assert threading.current_thread() is not trio_thread
+        probe_running.set()
+        assert ticked_meanwhile.wait(timeout=120), "the event loop stood still"
+        return real_probe()
+
+    monkeypatch.setattr(_probe, "_probe_rekey", instrumented)
+
+    async def ticker() -> None:
+        while not probe_running.is_set():  # noqa: ASYNC110 (a thread sets it)
+            await trio.sleep(0.001)
+        await trio.lowlevel.checkpoint()  # a tick while the probe is under way
+        ticked_meanwhile.set()
+
+    async with trio.open_nursery() as nursery:
+        client, server = await ktls_pair_maker(nursery, "TLSv1.3", "require")()
+        nursery.start_soon(ticker)
+        if REKEY():
+            await client.update_keys()
+        else:
+            with pytest.raises(KeyUpdateUnavailableError, match=r"6\.14"):
+                await client.update_keys()
+        assert ticked_meanwhile.is_set()
+        await client.aclose()
+        await server.aclose()
+    _probe.tls13_rekey_supported.cache_clear()
+
+
 async def test_key_update_refused_cleanly_without_kernel_rekey() -> None:
     async with trio.open_nursery() as nursery:
         for version in ("TLSv1.2", "TLSv1.3"):
@@ -111,7 +158,7 @@ async def test_key_update_refused_cleanly_without_kernel_rekey() -> None:
                 await client.update_keys()
                 expected = 1
             else:
-                with pytest.raises(KTLSRekeyUnsupportedError, match="cannot update"):
+                with pytest.raises(KeyUpdateUnavailableError, match="cannot update"):
                     await client.update_keys()
                 expected = 0
             # Refusing happens before anything is sent: the stream still works.
@@ -141,7 +188,9 @@ async def test_automatic_rekey_at_lowered_threshold(version: str, trigger: str) 
             server_options={} if own_limit else {"request_peer_rekey_after_records": 150},
         )()
         sock = client.transport_stream.socket
-        cipher = _kernel.KERNEL_CIPHER_FOR_AEAD[client._suite.aead]  # type: ignore[union-attr]
+        suite = lookup_suite(client.cipher()[0], tls_version_from_name(version))
+        assert suite is not None
+        cipher = _kernel.KERNEL_CIPHER_FOR_AEAD[suite.aead]
         data = _pattern(3, 8 * MiB)  # 512 full records at least
         received = bytearray()
         highest_seq = 0
@@ -152,7 +201,7 @@ async def test_automatic_rekey_at_lowered_threshold(version: str, trigger: str) 
 
         async with trio.open_nursery() as io:
             io.start_soon(receive_all)
-            refused: KTLSRekeyUnsupportedError | None = None
+            refused: ConfidentialityLimitError | None = None
             try:
                 for start in range(0, len(data), 32 * 1024):
                     await client.send_all(data[start : start + 32 * 1024])
@@ -161,7 +210,7 @@ async def test_automatic_rekey_at_lowered_threshold(version: str, trigger: str) 
                     if own_limit:
                         assert seq <= threshold
                 await client.send_eof()
-            except KTLSRekeyUnsupportedError as exc:
+            except ConfidentialityLimitError as exc:
                 refused = exc
         info, server_info = client.ktls_info, server.ktls_info
         assert info is not None
@@ -193,6 +242,15 @@ async def test_automatic_rekey_at_lowered_threshold(version: str, trigger: str) 
 SUITES_13 = ["TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"]
 
 
+async def _key_updates_received(stream: KTLSStream, count: int) -> None:
+    """Wait until the reader task has taken ``count`` KeyUpdates from the peer: the
+    sign that openssl read its 'k'/'K' command alone (a command and the next line read
+    together would be taken as one command) and acted on it."""
+    with trio.fail_after(60):
+        while stream.ktls_info.key_updates_received < count:  # type: ignore[union-attr]  # noqa: ASYNC110
+            await trio.sleep(0.01)
+
+
 @pytest.mark.skipif(OPENSSL is None, reason="the openssl command is not installed")
 @pytest.mark.parametrize("suite", SUITES_13)
 async def test_openssl_s_client_sends_key_updates(tmp_path: Path, suite: str) -> None:
@@ -200,15 +258,10 @@ async def test_openssl_s_client_sends_key_updates(tmp_path: Path, suite: str) ->
     too. On 6.14+ data keeps flowing both ways; before, our server fails clearly."""
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     port = listener.socket.getsockname()[1]
-    args = [OPENSSL, "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3",
-            "-ciphersuites", suite, "-noservername"]  # fmt: skip
+    args = ["s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3", "-ciphersuites", suite,
+            "-noservername"]  # fmt: skip
     async with trio.open_nursery() as nursery:
-        proc = await nursery.start(
-            partial(
-                trio.run_process, args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL, check=False,
-            )
-        )  # fmt: skip
+        proc = await start_openssl(nursery, args)
         tcp = await listener.accept()
         await listener.aclose()
         server = KTLSStream(tcp, server_context("TLSv1.3"), nursery=nursery, server_side=True,
@@ -220,16 +273,17 @@ async def test_openssl_s_client_sends_key_updates(tmp_path: Path, suite: str) ->
         assert await receive_exactly(server, 4) == b"one\n"
         if not REKEY():
             await proc.stdin.send_all(b"k\n")
-            with pytest.raises(KTLSRekeyUnsupportedError, match=r"6\.14"):
+            with pytest.raises(KTLSRekeyFailedError, match=r"6\.14"):
                 with trio.fail_after(60):
                     await server.receive_some()
             await server.aclose()
             await proc.stdin.aclose()
             await proc.wait()
             return
-        for command, line in ((b"k\n", b"two\n"), (b"K\n", b"three\n"), (b"k\n", b"four\n")):
+        commands = ((b"k\n", b"two\n"), (b"K\n", b"three\n"), (b"k\n", b"four\n"))
+        for count, (command, line) in enumerate(commands, start=1):
             await proc.stdin.send_all(command)
-            await trio.sleep(0.5)  # one read, one command
+            await _key_updates_received(server, count)
             await proc.stdin.send_all(line)
             assert await receive_exactly(server, len(line)) == line
             await server.send_all(b"echo " + line)
@@ -251,19 +305,12 @@ async def test_openssl_s_client_sends_key_updates(tmp_path: Path, suite: str) ->
 @pytest.mark.parametrize("suite", SUITES_13)
 async def test_openssl_s_server_sends_key_updates(tmp_path: Path, suite: str) -> None:
     server_pem = server_pem_file(tmp_path)
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    port = listener.socket.getsockname()[1]
-    await listener.aclose()
-    args = [OPENSSL, "s_server", "-accept", f"127.0.0.1:{port}", "-naccept", "1",
+    port = free_port()
+    args = ["s_server", "-accept", f"127.0.0.1:{port}", "-naccept", "1",
             "-cert", str(server_pem), "-key", str(server_pem), "-tls1_3",
             "-ciphersuites", suite]  # fmt: skip
     async with trio.open_nursery() as nursery:
-        proc = await nursery.start(
-            partial(
-                trio.run_process, args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL, check=False,
-            )
-        )  # fmt: skip
+        proc = await start_openssl(nursery, args)
         server_out = ProcessOutput()
         nursery.start_soon(server_out.collect, proc.stdout)
         tcp = await connect_when_listening(port)
@@ -274,14 +321,15 @@ async def test_openssl_s_server_sends_key_updates(tmp_path: Path, suite: str) ->
         assert await receive_exactly(client, 4) == b"one\n"
         if not REKEY():
             await proc.stdin.send_all(b"k\n")
-            with pytest.raises(KTLSRekeyUnsupportedError, match=r"6\.14"):
+            with pytest.raises(KTLSRekeyFailedError, match=r"6\.14"):
                 with trio.fail_after(60):
                     await client.receive_some()
             await client.aclose()
         else:
-            for command, line in ((b"k\n", b"two\n"), (b"K\n", b"three\n")):
+            commands = ((b"k\n", b"two\n"), (b"K\n", b"three\n"))
+            for count, (command, line) in enumerate(commands, start=1):
                 await proc.stdin.send_all(command)
-                await trio.sleep(0.5)
+                await _key_updates_received(client, count)
                 await proc.stdin.send_all(line)
                 assert await receive_exactly(client, len(line)) == line
                 await client.send_all(b"echo " + line)

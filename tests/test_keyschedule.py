@@ -50,8 +50,6 @@ from trio_ktls._keylog import (
 )
 from trio_ktls._keyschedule import (
     CIPHER_SUITES,
-    TLS1_2_VERSION,
-    TLS1_3_VERSION,
     Aead,
     CipherSuite,
     Tls12KeyBlock,
@@ -61,6 +59,7 @@ from trio_ktls._keyschedule import (
     tls12_prf,
     tls13_next_traffic_secret,
     tls13_traffic_key_iv,
+    tls_version_from_name,
 )
 from trio_ktls._messages import (
     RECORD_HEADER_LENGTH,
@@ -71,13 +70,16 @@ from trio_ktls._messages import (
     parse_record_header,
 )
 
+from .helpers import (
+    RFC8448_TICKET,
+    RFC8448_TICKET_RECORD,
+    S_AP_TRAFFIC,
+    h,
+    handshake_in_memory,
+)
+
 SHA256 = hashes.SHA256()
 SHA384 = hashes.SHA384()
-
-
-def h(text: str) -> bytes:
-    """Hex with any whitespace (RFC traces paste verbatim)."""
-    return bytes.fromhex(text)
 
 
 # --- RFC 8448 §3 values --------------------------------------------------------------
@@ -93,7 +95,6 @@ HASH_CH_SERVER_FINISHED = h("9608102a0f1ccc6db6250b7b7e417b1a000eaada3daae4777a7
 C_HS_TRAFFIC = h("b3eddb126e067f35a780b3abf45e2d8f3b1a950738f52e9600746a0e27a55a21")
 S_HS_TRAFFIC = h("b67b7d690cc16c4e75e54213cb2d37b4e9c912bcded9105d42befd59d391ad38")
 C_AP_TRAFFIC = h("9e40646ce79a7f9dc05af8889bce6552875afa0b06df0087f792ebb7c17504a5")
-S_AP_TRAFFIC = h("a11af9f05531f856ad47116b45a950328204b4f44bfb6b3a4b4f1f3fcb631643")
 
 # (secret, write key, write iv): §3 handshake and application keys, §4 early data keys.
 RFC8448_TRAFFIC_KEYS = [
@@ -232,7 +233,7 @@ def _aead(aead: Aead, key: bytes) -> AESGCM | AESCCM | ChaCha20Poly1305:
     return AESGCM(key)
 
 
-RFC8448_SUITE = lookup_suite("TLS_AES_128_GCM_SHA256", TLS1_3_VERSION)
+RFC8448_SUITE = lookup_suite("TLS_AES_128_GCM_SHA256", ssl.TLSVersion.TLSv1_3)
 
 # randombit/botan src/tests/test_tls_cipher_state.cpp, from RFC 8448 §3.
 RFC8448_SERVER_FLIGHT_RECORD = h(
@@ -279,33 +280,6 @@ RFC8448_CLIENT_FINISHED_RECORD = h(
 RFC8448_CLIENT_FINISHED = h(
     """14 00 00 20 a8 ec 43 6d 67 76 34 ae 52 5a c1
     fc eb e1 1a 03 9e c1 76 94 fa c6 e9 85 27 b6 42 f2 ed d5 ce 61"""
-)
-RFC8448_TICKET_RECORD = h(
-    """17 03 03 00 de 3a 6b 8f 90 41 4a 97
-    d6 95 9c 34 87 68 0d e5 13 4a 2b 24 0e 6c ff ac 11 6e 95 d4 1d
-    6a f8 f6 b5 80 dc f3 d1 1d 63 c7 58 db 28 9a 01 59 40 25 2f 55
-    71 3e 06 1d c1 3e 07 88 91 a3 8e fb cf 57 53 ad 8e f1 70 ad 3c
-    73 53 d1 6d 9d a7 73 b9 ca 7f 2b 9f a1 b6 c0 d4 a3 d0 3f 75 e0
-    9c 30 ba 1e 62 97 2a c4 6f 75 f7 b9 81 be 63 43 9b 29 99 ce 13
-    06 46 15 13 98 91 d5 e4 c5 b4 06 f1 6e 3f c1 81 a7 7c a4 75 84
-    00 25 db 2f 0a 77 f8 1b 5a b0 5b 94 c0 13 46 75 5f 69 23 2c 86
-    51 9d 86 cb ee ac 87 aa c3 47 d1 43 f9 60 5d 64 f6 50 db 4d 02
-    3e 70 e9 52 ca 49 fe 51 37 12 1c 74 bc 26 97 68 7e 24 87 46 d6
-    df 35 30 05 f3 bc e1 86 96 12 9c 81 53 55 6b 3b 6c 67 79 b3 7b
-    f1 59 85 68 4f"""
-)
-RFC8448_TICKET = h(
-    """04 00 00 c9 00 00 00 1e fa d6 aa c5 02 00
-    00 00 b2 2c 03 5d 82 93 59 ee 5f f7 af 4e c9 00 00 00 00 26 2a
-    64 94 dc 48 6d 2c 8a 34 cb 33 fa 90 bf 1b 00 70 ad 3c 49 88 83
-    c9 36 7c 09 a2 be 78 5a bc 55 cd 22 60 97 a3 a9 82 11 72 83 f8
-    2a 03 a1 43 ef d3 ff 5d d3 6d 64 e8 61 be 7f d6 1d 28 27 db 27
-    9c ce 14 50 77 d4 54 a3 66 4d 4e 6d a4 d2 9e e0 37 25 a6 a4 da
-    fc d0 fc 67 d2 ae a7 05 29 51 3e 3d a2 67 7f a5 90 6c 5b 3f 7d
-    8f 92 f2 28 bd a4 0d da 72 14 70 f9 fb f2 97 b5 ae a6 17 64 6f
-    ac 5c 03 27 2e 97 07 27 c6 21 a7 91 41 ef 5f 7d e6 50 5e 5b fb
-    c3 88 e9 33 43 69 40 93 93 4a e4 d3 57 00 08 00 2a 00 04 00 00
-    04 00"""
 )
 RFC8448_CLIENT_DATA_RECORD = h(
     """17 03 03 00 43 a2 3f 70 54 b6 2c 94
@@ -641,7 +615,7 @@ def test_lookup_suite(
     fixed_iv: int,
     explicit_nonce: int,
 ) -> None:
-    suite = lookup_suite(name, version)
+    suite = lookup_suite(name, ssl.TLSVersion(version))
     assert suite is not None
     assert (suite.name, suite.tls_version, suite.aead) == (name, version, aead)
     assert (suite.key_length, suite.fixed_iv_length) == (key_length, fixed_iv)
@@ -662,7 +636,7 @@ def test_lookup_suite(
     ],
 )
 def test_lookup_suite_refuses(name: str, version: int) -> None:
-    assert lookup_suite(name, version) is None
+    assert lookup_suite(name, ssl.TLSVersion(version)) is None
 
 
 def test_suite_table_is_consistent() -> None:
@@ -673,7 +647,7 @@ def test_suite_table_is_consistent() -> None:
         assert suite.key_length == (
             16 if suite.aead in (Aead.AES_128_GCM, Aead.AES_128_CCM) else 32
         )
-        assert (suite.tls_version == TLS1_3_VERSION) == suite.name.startswith("TLS_")
+        assert (suite.tls_version == ssl.TLSVersion.TLSv1_3) == suite.name.startswith("TLS_")
         assert suite.hash_algorithm.name == (
             "sha384" if suite.name.endswith("SHA384") else "sha256"
         )
@@ -691,9 +665,6 @@ def test_suite_names_and_codes_match_openssl() -> None:
 
 
 # --- End to end: real OpenSSL connections in memory ------------------------------------
-
-TLS_VERSIONS = {"TLSv1.2": TLS1_2_VERSION, "TLSv1.3": TLS1_3_VERSION}
-
 
 @dataclasses.dataclass
 class _Connection:
@@ -728,48 +699,17 @@ def _connect(
     client_ctx.keylog_filename = str(client_keylog)
     server_ctx.keylog_filename = str(server_keylog)
 
-    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
-    client = client_ctx.wrap_bio(c_in, c_out, server_hostname="example.test")
-    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
-    to_server, to_client, final_flight = bytearray(), bytearray(), b""
-    client_done = server_done = False
-    for _ in range(10):
-        if not client_done:
-            try:
-                client.do_handshake()
-                client_done = True
-            except ssl.SSLWantReadError:
-                pass
-        data = c_out.read()
-        to_server += data
-        s_in.write(data)
-        if not server_done:
-            try:
-                server.do_handshake()
-                server_done = True
-                # Written by the call that completed the server's handshake: TLS 1.3
-                # NewSessionTickets (post-handshake), TLS 1.2 CCS + Finished.
-                final_flight = s_out.read()
-                c_in.write(final_flight)
-            except ssl.SSLWantReadError:
-                pass
-        data = s_out.read()
-        to_client += data
-        c_in.write(data)
-        if client_done and server_done:
-            break
-    else:
-        pytest.fail("in-memory handshake did not finish")
+    handshake = handshake_in_memory(client_ctx, server_ctx, server_hostname="example.test")
     return _Connection(
-        client,
-        server,
-        c_out,
-        s_out,
+        handshake.client,
+        handshake.server,
+        handshake.client_out,
+        handshake.server_out,
         client_keylog,
         server_keylog,
-        bytes(to_server),
-        bytes(to_client),
-        final_flight,
+        handshake.sent_by("client"),
+        handshake.sent_by("server"),
+        handshake.server_final_flight,
     )
 
 
@@ -827,7 +767,7 @@ def test_openssl_tls13_connection(tmp_path: Path) -> None:
     version, name = conn.client.version(), conn.client.cipher()
     assert version == "TLSv1.3"
     assert name is not None
-    suite = lookup_suite(name[0], TLS_VERSIONS[version])
+    suite = lookup_suite(name[0], tls_version_from_name(version))
     assert suite is not None  # OpenSSL's default pick: TLS_AES_256_GCM_SHA384
     client_random = client_random_from_client_hello(
         _first_handshake_message(conn.client_handshake_bytes)
@@ -883,7 +823,7 @@ def test_openssl_tls13_connection(tmp_path: Path) -> None:
 def test_openssl_tls12_connection(tmp_path: Path, cipher: str, key_type: trustme.KeyType) -> None:
     conn = _connect(tmp_path, CA, key_type, tls12_cipher=cipher)
     assert conn.client.version() == "TLSv1.2"
-    suite = lookup_suite(cipher, TLS1_2_VERSION)
+    suite = lookup_suite(cipher, ssl.TLSVersion.TLSv1_2)
     assert suite is not None
     client_random = client_random_from_client_hello(
         _first_handshake_message(conn.client_handshake_bytes)

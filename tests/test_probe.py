@@ -12,9 +12,10 @@ import pytest
 
 import trio_ktls
 from trio_ktls import _probe
-from trio_ktls._kernel import KernelCipher, TLSVersion
+from trio_ktls._kernel import KernelCipher
+from trio_ktls._keyschedule import KTLS_VERSIONS
 
-from .conftest import GUEST_KERNEL, kernel_probe
+from .helpers import GUEST_KERNEL, KERNEL_LINES, kernel_probe
 
 
 def test_probe_always_answers() -> None:
@@ -82,7 +83,6 @@ def test_read_tls_stat_parses_counters(tmp_path, monkeypatch: pytest.MonkeyPatch
 
 
 # What each kernel line of the matrix must show (tls.rst; rekey arrived in 6.14).
-_REKEY_BY_LINE = {"6.1": False, "6.12": False, "6.18": True, "7": True}
 
 
 @pytest.mark.ktls
@@ -90,7 +90,7 @@ def test_kernel_line_capabilities() -> None:
     result = kernel_probe()
     print(result.format())
     assert result.available, result.reason
-    for version in TLSVersion:
+    for version in KTLS_VERSIONS:
         for cipher in (
             KernelCipher.AES_GCM_128,
             KernelCipher.AES_GCM_256,
@@ -102,7 +102,7 @@ def test_kernel_line_capabilities() -> None:
         return
     line = GUEST_KERNEL
     assert result.kernel_release.startswith(f"{line}."), (line, result.kernel_release)
-    expect = _REKEY_BY_LINE[line]
+    expect = KERNEL_LINES[line].tls13_rekey
     assert result.tls13_tx_rekey is expect, result.rekey_error
     assert result.tls13_rx_rekey is expect, result.rekey_error
     if expect:

@@ -6,6 +6,8 @@ were offloaded; unmarked ones run everywhere (on the host, in user space).
 
 from __future__ import annotations
 
+import os
+import random
 import ssl
 
 import pytest
@@ -16,18 +18,18 @@ import trio_ktls
 from trio_ktls import KTLSStream, KTLSUnavailableError
 from trio_ktls._handoff import KeyLogTap
 
-from .conftest import kernel_probe
 from .helpers import (
     HOSTNAME,
     MODES,
+    VERSIONS,
     assert_mode,
     client_context,
+    kernel_probe,
     ktls_pair_maker,
     server_context,
     tcp_pair,
 )
 
-VERSIONS = ["TLSv1.2", "TLSv1.3"]
 # "auto" runs where the suite runs: on the host it is the user-space fallback.
 CONFORMANCE_MODES = [pytest.param("auto", id="auto"), *MODES]
 
@@ -172,3 +174,55 @@ async def test_wrong_transport_type_is_refused() -> None:
     async with trio.open_nursery() as nursery:
         with pytest.raises(TypeError, match="SocketStream"):
             KTLSStream(left, client_context("TLSv1.3"), nursery=nursery)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_data_before_a_truncation_is_delivered_first(mode: trio_ktls.KTLSMode) -> None:
+    """The peer sends 30,000 bytes, then closes TCP without close_notify. Every byte comes
+    out of receive_some before the truncation is reported, even when the reader task had
+    already seen the end (and broken the stream) before the application asked."""
+    payload = os.urandom(30_000)
+    async with trio.open_nursery() as nursery:
+        client, server = await ktls_pair_maker(nursery, "TLSv1.3", mode)()
+        await server.send_all(payload)
+        await trio.aclose_forcefully(server.transport_stream)
+        await trio.testing.wait_all_tasks_blocked()  # the reader has seen it all
+        received = bytearray()
+        while len(received) < len(payload):
+            received += await client.receive_some()
+        assert bytes(received) == payload
+        with pytest.raises(trio.BrokenResourceError, match="without sending close_notify"):
+            await client.receive_some()
+        with pytest.raises(trio.BrokenResourceError):  # and it stays broken
+            await client.receive_some()
+        await client.aclose()
+        await server.aclose()
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_cancelled_receive_loses_nothing(mode: trio_ktls.KTLSMode) -> None:
+    """2 MiB arrive while receive_some calls are cancelled at random moments (a seeded
+    generator; the seed is printed): what comes out is exactly what was sent."""
+    seed = random.randrange(2**32)
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    payload = rng.randbytes(2 * 1024 * 1024)
+    cancelled = 0
+    async with trio.open_nursery() as nursery:
+        client, server = await ktls_pair_maker(nursery, "TLSv1.3", mode)()
+        received = bytearray()
+
+        async def send() -> None:
+            for start in range(0, len(payload), 8192):
+                await server.send_all(payload[start : start + 8192])
+
+        async with trio.open_nursery() as io:
+            io.start_soon(send)
+            while len(received) < len(payload):
+                with trio.move_on_after(rng.random() * 0.001) as scope:
+                    received += await client.receive_some(rng.randrange(1, 32768))
+                cancelled += scope.cancelled_caught
+        assert bytes(received) == payload
+        print(f"{cancelled} receive_some calls cancelled")
+        await client.aclose()
+        await server.aclose()

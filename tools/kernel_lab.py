@@ -72,23 +72,34 @@ class KernelLine:
     suites: tuple[str, ...]
     # Matches the whole image package name; its groups are the numbers that order builds.
     image_pattern: re.Pattern[str]
+    #: Whether the kernel can replace TLS 1.3 keys (Linux 6.14+): the tests of this line
+    #: expect exactly this, so a kernel that gains or loses it shows up as a failure.
+    tls13_rekey: bool
     # From 7.x on the image package is a meta package: the kernel and its modules are in
     # linux-binary-<version> and linux-modules-<version>.
     split_packages: bool = False
 
 
+#: The matrix: every kernel line the tests run on, and what each can do. The tests, the
+#: CI script (``kernel_lab.py labels``) and the docs (``kernel_lab.py table``) read it.
 KERNEL_LINES: dict[str, KernelLine] = {
     "6.1": KernelLine(
         ("bookworm", "bookworm-security"),
         re.compile(r"linux-image-6\.1\.0-(\d+)-amd64-unsigned"),
+        tls13_rekey=False,
     ),
-    "6.12": KernelLine(("trixie",), re.compile(r"linux-image-6\.12\.(\d+)\+deb13-amd64")),
+    "6.12": KernelLine(
+        ("trixie",), re.compile(r"linux-image-6\.12\.(\d+)\+deb13-amd64"), tls13_rekey=False
+    ),
     "6.18": KernelLine(
-        ("trixie-backports",), re.compile(r"linux-image-6\.18\.(\d+)\+deb13-amd64")
+        ("trixie-backports",),
+        re.compile(r"linux-image-6\.18\.(\d+)\+deb13-amd64"),
+        tls13_rekey=True,
     ),
     "7": KernelLine(
         ("sid",),
         re.compile(r"linux-image-7\.(\d+)\.(\d+)\+deb14-amd64"),
+        tls13_rekey=True,
         split_packages=True,
     ),
 }
@@ -651,10 +662,21 @@ def parse_env(items: Sequence[str]) -> dict[str, str]:
     return env
 
 
+def matrix_table() -> str:
+    """The matrix as Markdown: each line's Debian suites and what it can do."""
+    rows = ["| kernel line | Debian suites | TLS 1.3 rekey |", "|---|---|---|"]
+    for label, line in KERNEL_LINES.items():
+        rekey = "yes (6.14+)" if line.tls13_rekey else "no (before 6.14)"
+        rows.append(f"| {label} | {', '.join(line.suites)} | {rekey} |")
+    return "\n".join(rows)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("setup", help="install host packages and virtme-ng")
+    commands.add_parser("labels", help="print the matrix's kernel lines, one a line")
+    commands.add_parser("table", help="print the matrix's kernel lines as a Markdown table")
 
     fetch_parser = commands.add_parser("fetch", help="download a kernel; print its release")
     fetch_parser.add_argument("label", choices=LABELS)
@@ -689,6 +711,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "setup":
             setup()
+        elif args.command == "labels":
+            print("\n".join(LABELS))
+        elif args.command == "table":
+            print(matrix_table())
         elif args.command == "fetch":
             print(fetch(args.label, refresh=args.refresh).release)
         else:

@@ -5,43 +5,24 @@ record layer is then handed to the kernel (``TCP_ULP "tls"``), which encrypts an
 every later record.
 """
 
-from ._errors import (
-    KTLSRekeyUnsupportedError as KTLSRekeyUnsupportedError,
-)
-from ._errors import (
-    KTLSUnavailableError as KTLSUnavailableError,
-)
-from ._errors import (
-    TLSDecodeError as TLSDecodeError,
-)
-from ._errors import (
-    TLSProtocolError as TLSProtocolError,
-)
-from ._highlevel import (
-    KTLSListener as KTLSListener,
-)
-from ._highlevel import (
-    open_ktls_stream as open_ktls_stream,
-)
-from ._highlevel import (
-    serve_ktls_over_tcp as serve_ktls_over_tcp,
-)
-from ._highlevel import (
-    wrap_stream as wrap_stream,
-)
-from ._probe import (
-    CipherSupport as CipherSupport,
-)
-from ._probe import (
-    ProbeResult as ProbeResult,
-)
-from ._probe import (
-    probe as probe,
-)
+from ._errors import ConfidentialityLimitError as ConfidentialityLimitError
+from ._errors import KeyUpdateUnavailableError as KeyUpdateUnavailableError
+from ._errors import KTLSRekeyFailedError as KTLSRekeyFailedError
+from ._errors import KTLSUnavailableError as KTLSUnavailableError
+from ._errors import TLSDecodeError as TLSDecodeError
+from ._errors import TLSProtocolError as TLSProtocolError
+from ._highlevel import KTLSListener as KTLSListener
+from ._highlevel import open_ktls_stream as open_ktls_stream
+from ._highlevel import serve_ktls_over_tcp as serve_ktls_over_tcp
+from ._highlevel import wrap_stream as wrap_stream
+from ._options import KTLSMode as KTLSMode
+from ._options import KTLSOptions as KTLSOptions
+from ._options import StreamOptions as StreamOptions
+from ._probe import CipherSupport as CipherSupport
+from ._probe import ProbeResult as ProbeResult
+from ._probe import probe as probe
 from ._stream import KTLSInfo as KTLSInfo
-from ._stream import KTLSMode as KTLSMode
 from ._stream import KTLSStream as KTLSStream
-from ._writer import ConfidentialityLimitError as ConfidentialityLimitError
 
 __all__ = [
     "CipherSupport",
@@ -49,10 +30,13 @@ __all__ = [
     "KTLSInfo",
     "KTLSListener",
     "KTLSMode",
-    "KTLSRekeyUnsupportedError",
+    "KTLSOptions",
+    "KTLSRekeyFailedError",
     "KTLSStream",
     "KTLSUnavailableError",
+    "KeyUpdateUnavailableError",
     "ProbeResult",
+    "StreamOptions",
     "TLSDecodeError",
     "TLSProtocolError",
     "open_ktls_stream",

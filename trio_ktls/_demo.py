@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ._highlevel import open_ktls_stream, serve_ktls_over_tcp
-from ._stream import KTLSMode, KTLSStream
+from ._options import KTLSMode
+from ._stream import KTLSStream
 
 _HOSTNAME = "trio-ktls.demo"
 

@@ -32,8 +32,20 @@ every key change. The kernel must start at the number of the next record:
   They are the type-23 records of that call's output.
 - TLS 1.2: both directions 1, since each side's Finished was record 0 under the new key.
 
-Reading the handshake one record at a time (header, then exactly the body) guarantees that
-no ciphertext meant for the kernel was consumed by user space.
+Reading the handshake one record at a time (``_handshake``) guarantees that no ciphertext
+meant for the kernel was consumed by user space.
+
+The handoff, step by step
+-------------------------
+1. Before the handshake, `prepare` attaches the TLS ULP (the socket is ESTABLISHED, and a
+   refusal says at once why the kernel cannot help) and taps the context's key log.
+2. After it, `hand_off` matches the key log to this connection, derives both directions'
+   keys and installs ``TLS_TX`` first: once the kernel owns TX OpenSSL can no longer
+   write, so if TX is refused nothing has changed and the stream stays in user space.
+   ``TLS_RX`` follows; if the kernel took TX but refuses RX the connection cannot go on
+   either way, and the stream breaks with a clear error rather than guess.
+3. It returns the kernel record layer (``_recordlayer``), or the reason to stay in user
+   space, in words, for ``ktls_info.reason`` (``ktls="require"`` raises it instead).
 """
 
 from __future__ import annotations
@@ -43,21 +55,43 @@ import os
 import ssl
 import weakref
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from ._kernel import KERNEL_CIPHER_FOR_AEAD, CryptoInfo, TLSVersion
+import trio
+
+from . import _kernel
+from ._errors import TLSProtocolError
+from ._kernel import KERNEL_CIPHER_FOR_AEAD, CryptoInfo
 from ._keylog import (
     KeyLogCollector,
     client_random_from_client_hello,
     server_random_from_server_hello,
 )
-from ._keyschedule import CipherSuite, tls12_key_block, tls13_traffic_key_iv
+from ._keys import RecordBudget, TrafficKeys
+from ._keyschedule import (
+    Aead,
+    CipherSuite,
+    lookup_suite,
+    tls12_key_block,
+    tls13_traffic_key_iv,
+    tls_version_from_name,
+)
 from ._messages import (
     RECORD_HEADER_LENGTH,
     ContentType,
     HandshakeType,
     parse_record_header,
 )
+from ._options import StreamOptions
+from ._probe import ulp_error_reason
+from ._reader import KernelReader
+from ._recordlayer import KernelRecordLayer
+from ._state import StreamStatus
+from ._ticket_relay import TicketRelay
+from ._writer import KernelWriter
+
+if TYPE_CHECKING:
+    from ._handshake import Handshake
 
 _READ_CHUNK: Final = 64 * 1024
 
@@ -164,34 +198,15 @@ def split_records(data: bytes) -> list[tuple[int, bytes]]:
     return records
 
 
-@dataclass
-class HandoffKeys:
-    """Both directions' kernel keys, plus what later key updates need."""
-
-    version: TLSVersion
-    tx: CryptoInfo
-    rx: CryptoInfo
-    #: TLS 1.3 only: the current application traffic secrets (for RFC 8446 §7.2 updates).
-    tx_secret: bytearray | None = field(default=None, repr=False)
-    rx_secret: bytearray | None = field(default=None, repr=False)
-
-    def wipe(self) -> None:
-        self.tx.wipe()
-        self.rx.wipe()
-        for secret in (self.tx_secret, self.rx_secret):
-            if secret is not None:
-                secret[:] = bytes(len(secret))
-
-
 class MissingSecretError(Exception):
     """The key log did not contain what this connection needs."""
 
 
 def initial_sequence_numbers(
-    version: TLSVersion, *, server_side: bool, final_flush_protected_records: int
+    version: ssl.TLSVersion, *, server_side: bool, final_flush_protected_records: int
 ) -> tuple[int, int]:
     """(TX, RX) sequence numbers of the first records the kernel handles (see above)."""
-    if version is TLSVersion.TLS1_2:
+    if version is ssl.TLSVersion.TLSv1_2:
         return 1, 1
     return (final_flush_protected_records if server_side else 0), 0
 
@@ -203,11 +218,12 @@ def derive_handoff_keys(
     *,
     tx_seq: int,
     rx_seq: int,
-) -> HandoffKeys:
-    version = TLSVersion(suite.tls_version)
+) -> TrafficKeys:
+    """Both directions' kernel keys from the key log's secrets (see the module doc)."""
+    version = suite.tls_version
     cipher = KERNEL_CIPHER_FOR_AEAD[suite.aead]
     server_side = observer.server_side
-    if version is TLSVersion.TLS1_3:
+    if version is ssl.TLSVersion.TLSv1_3:
         own, peer = "CLIENT_TRAFFIC_SECRET_0", "SERVER_TRAFFIC_SECRET_0"
         if server_side:
             own, peer = peer, own
@@ -219,8 +235,8 @@ def derive_handoff_keys(
         rx_key, rx_iv = tls13_traffic_key_iv(
             bytes(secrets[peer]), suite.key_length, suite.hash_algorithm
         )
-        return HandoffKeys(
-            version,
+        return TrafficKeys(
+            suite,
             tx=CryptoInfo(version, cipher, key=tx_key, write_iv=tx_iv, rec_seq=tx_seq),
             rx=CryptoInfo(version, cipher, key=rx_key, write_iv=rx_iv, rec_seq=rx_seq),
             tx_secret=bytearray(secrets[own]),
@@ -242,8 +258,8 @@ def derive_handoff_keys(
     client = (block.client_write_key, block.client_write_iv)
     server = (block.server_write_key, block.server_write_iv)
     (tx_key, tx_iv), (rx_key, rx_iv) = (server, client) if server_side else (client, server)
-    return HandoffKeys(
-        version,
+    return TrafficKeys(
+        suite,
         tx=CryptoInfo(version, cipher, key=tx_key, write_iv=tx_iv, rec_seq=tx_seq),
         rx=CryptoInfo(version, cipher, key=rx_key, write_iv=rx_iv, rec_seq=rx_seq),
     )
@@ -253,3 +269,140 @@ def wipe_secrets(secrets: dict[str, bytearray]) -> None:
     for secret in secrets.values():
         secret[:] = bytes(len(secret))
     secrets.clear()
+
+
+def prepare(transport_stream: trio.abc.Stream, context: ssl.SSLContext) -> KeyLogTap | str:
+    """Step 1: attach the TLS ULP and tap ``context``'s key log, or say why not."""
+    if not isinstance(transport_stream, trio.SocketStream):
+        return "the transport is not a TCP socket"
+    try:
+        _kernel.attach_ulp(transport_stream.socket)
+    except OSError as exc:
+        return ulp_error_reason(exc)
+    return KeyLogTap.for_context(context)
+
+
+def hand_off(
+    handshake: Handshake,
+    tap: KeyLogTap,
+    status: StreamStatus,
+    options: StreamOptions,
+    *,
+    https_compatible: bool,
+) -> KernelRecordLayer | str:
+    """Steps 2 and 3: the kernel record layer, or the reason to stay in user space.
+
+    Raises `TLSProtocolError` if the kernel took the transmit key and refused the
+    receive key. The key log's lines for this connection are taken and wiped either way.
+    """
+    ssl_object, observer = handshake.ssl_object, handshake.observer
+    transport = handshake.transport_stream
+    assert isinstance(transport, trio.SocketStream)  # prepare() tapped only sockets
+    version_name = ssl_object.version()
+    cipher = ssl_object.cipher()
+    cipher_name = cipher[0] if cipher else "unknown"
+    suite = lookup_suite(cipher_name, tls_version_from_name(version_name))
+    tap.drain()
+    if observer.client_random is None:
+        return "the ClientHello was not seen, so the key log cannot be matched"
+    secrets = tap.take(observer.client_random)
+    try:
+        if suite is None:
+            return f"the kernel cannot offload {version_name} {cipher_name}"
+        if handshake.holds_unread_bytes:
+            return "OpenSSL holds unread bytes after the handshake"
+        tx_seq, rx_seq = initial_sequence_numbers(
+            suite.tls_version,
+            server_side=observer.server_side,
+            final_flush_protected_records=observer.last_flush_protected_records,
+        )
+        try:
+            keys = derive_handoff_keys(suite, secrets, observer, tx_seq=tx_seq, rx_seq=rx_seq)
+        except MissingSecretError as exc:
+            return f"the key log did not give this connection's secrets: {exc}"
+    finally:
+        wipe_secrets(secrets)
+    sock = transport.socket
+    try:
+        _kernel.install_key(sock, _kernel.TLS_TX, keys.tx)
+    except OSError as exc:
+        keys.wipe()
+        why = os.strerror(exc.errno or 0)
+        return f"the kernel refused the {cipher_name} transmit key: {why}"
+    try:
+        _kernel.install_key(sock, _kernel.TLS_RX, keys.rx)
+    except OSError as exc:
+        keys.wipe()
+        raise TLSProtocolError(
+            "the kernel accepted the transmit key but refused the receive key "
+            f"({os.strerror(exc.errno or 0)}); the connection cannot continue"
+        ) from exc
+    return _kernel_record_layer(
+        handshake, transport, keys, status, options, (tx_seq, rx_seq), https_compatible
+    )
+
+
+def _kernel_record_layer(
+    handshake: Handshake,
+    transport: trio.SocketStream,
+    keys: TrafficKeys,
+    status: StreamStatus,
+    options: StreamOptions,
+    first_seqs: tuple[int, int],
+    https_compatible: bool,
+) -> KernelRecordLayer:
+    sock, cipher = transport.socket, keys.tx.cipher
+    keys.tx.wipe()  # installed; the kernel has them now
+    keys.rx.wipe()
+    tx_limit, rx_limit = record_limits(keys.suite)
+    if options.rekey_after_records is not None:
+        tx_limit = options.rekey_after_records
+    if options.request_peer_rekey_after_records is not None:
+        rx_limit = options.request_peer_rekey_after_records
+    tx_budget = RecordBudget(
+        tx_limit,
+        first_seq=first_seqs[0],
+        read_exact=lambda: _kernel.read_rec_seq(sock, _kernel.TLS_TX, cipher),
+    )
+    rx_budget = RecordBudget(
+        rx_limit,
+        first_seq=first_seqs[1],
+        read_exact=lambda: _kernel.read_rec_seq(sock, _kernel.TLS_RX, cipher),
+    )
+    relay = None
+    rx_secret = keys.rx_secret
+    if rx_secret is not None and not handshake.observer.server_side:
+        relay = TicketRelay(keys.suite, rx_secret, handshake.ssl_object, handshake.incoming)
+    writer = KernelWriter(sock, keys, tx_budget)
+    reader = KernelReader(
+        sock,
+        writer,
+        keys,
+        rx_budget,
+        status,
+        https_compatible=https_compatible,
+        max_buffer=options.max_receive_buffer,
+        ticket_relay=relay,
+    )
+    return KernelRecordLayer(transport, keys, writer, reader, status)
+
+
+# RFC 8446 §5.5: AES-GCM keys must be rotated before 2**24.5 full-size records. The AEAD
+# limits analysis (draft-irtf-cfrg-aead-limits) gives AES-CCM a lower bound, 2**23.5;
+# ChaCha20-Poly1305's (2**62 and more) is out of reach, so there is no limit to enforce.
+_RECORD_LIMITS: Final[dict[Aead, int | None]] = {
+    Aead.AES_128_GCM: int(2**24.5),
+    Aead.AES_256_GCM: int(2**24.5),
+    Aead.AES_128_CCM: int(2**23.5),
+    Aead.CHACHA20_POLY1305: None,
+}
+
+
+def record_limits(suite: CipherSuite) -> tuple[int | None, int | None]:
+    """(rekey our key after, ask the peer to rekey after) records, by default.
+
+    We rotate our own key at the limit; we ask the peer at half of it, so that a peer
+    that does not track the limit itself is still well inside it.
+    """
+    limit = _RECORD_LIMITS[suite.aead]
+    return limit, (None if limit is None else limit // 2)

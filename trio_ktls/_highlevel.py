@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import logging
 import ssl
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Final, final
 
 import trio
 
-from ._stream import KTLSMode, KTLSStream
+from ._options import DEFAULT_SERVER_HANDSHAKE_TIMEOUT, KTLSOptions, StreamOptions
+from ._stream import KTLSStream
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:
+    from typing_extensions import Unpack
 
 logger: Final = logging.getLogger("trio_ktls")
-
-#: Seconds a client gets to finish its handshake before a server drops it.
-DEFAULT_HANDSHAKE_TIMEOUT: Final = 60.0
 
 
 @asynccontextmanager
@@ -30,19 +34,16 @@ async def wrap_stream(
     ssl_context: ssl.SSLContext,
     *,
     server_side: bool = False,
-    server_hostname: str | None = None,
+    server_hostname: str | bytes | None = None,
     https_compatible: bool = False,
-    ktls: KTLSMode = "auto",
-    rekey_after_records: int | None = None,
-    request_peer_rekey_after_records: int | None = None,
     session: ssl.SSLSession | None = None,
+    **options: Unpack[KTLSOptions],
 ) -> AsyncIterator[KTLSStream]:
     """Yield a handshaken `KTLSStream` over ``transport_stream``; close it on exit.
 
-    The record-limit arguments are `KTLSStream`'s (RFC 8446 §5.5; None: the cipher's).
-
-    Errors from the body and from the handshake propagate as themselves, not wrapped in
-    an exception group by the nursery this context manager keeps inside.
+    Arguments are `KTLSStream`'s (``**options``: see `StreamOptions`). Errors from the
+    body and from the handshake propagate as themselves, not wrapped in an exception
+    group by the nursery this context manager keeps inside.
     """
     error: BaseException | None = None
     async with trio.open_nursery() as nursery:
@@ -53,10 +54,8 @@ async def wrap_stream(
             server_side=server_side,
             server_hostname=server_hostname,
             https_compatible=https_compatible,
-            ktls=ktls,
-            rekey_after_records=rekey_after_records,
-            request_peer_rekey_after_records=request_peer_rekey_after_records,
             session=session,
+            **options,
         )
         try:
             await stream.do_handshake()
@@ -75,34 +74,31 @@ async def open_ktls_stream(
     port: int,
     *,
     ssl_context: ssl.SSLContext | None = None,
-    server_hostname: str | None = None,
+    server_hostname: str | bytes | None = None,
     https_compatible: bool = False,
-    ktls: KTLSMode = "auto",
-    rekey_after_records: int | None = None,
-    request_peer_rekey_after_records: int | None = None,
     session: ssl.SSLSession | None = None,
     happy_eyeballs_delay: float = 0.25,
+    **options: Unpack[KTLSOptions],
 ) -> AsyncIterator[KTLSStream]:
     """Connect to ``host:port`` and yield a handshaken client `KTLSStream`.
 
     ``ssl_context`` defaults to ``ssl.create_default_context()``; ``server_hostname``
     defaults to ``host`` (for SNI and certificate checks), as in
-    `trio.open_ssl_over_tcp_stream`.
+    `trio.open_ssl_over_tcp_stream`. The options are checked before connecting.
     """
+    StreamOptions(**options)
     if ssl_context is None:
         ssl_context = ssl.create_default_context()
     if server_hostname is None:
-        server_hostname = host.decode() if isinstance(host, bytes) else host
+        server_hostname = host
     tcp = await trio.open_tcp_stream(host, port, happy_eyeballs_delay=happy_eyeballs_delay)
     async with wrap_stream(
         tcp,
         ssl_context,
         server_hostname=server_hostname,
         https_compatible=https_compatible,
-        ktls=ktls,
-        rekey_after_records=rekey_after_records,
-        request_peer_rekey_after_records=request_peer_rekey_after_records,
         session=session,
+        **options,
     ) as stream:
         yield stream
 
@@ -112,9 +108,9 @@ class KTLSListener(trio.abc.Listener[KTLSStream]):
     """Wraps a listener of `trio.SocketStream`s; ``accept`` returns server `KTLSStream`s.
 
     Like `trio.SSLListener`, accepted streams have not handshaken yet (so one slow client
-    cannot hold up ``accept``); their handshake, which runs on first use or on an explicit
-    ``do_handshake()``, fails with `trio.TooSlowError` after ``handshake_timeout`` seconds.
-    The streams' tasks run in ``nursery``.
+    cannot hold up ``accept``); their handshake runs on first use or on an explicit
+    ``do_handshake()``. ``handshake_timeout`` defaults to 60 s here, after which the
+    handshake fails with `trio.TooSlowError`. The streams' tasks run in ``nursery``.
     """
 
     def __init__(
@@ -123,22 +119,20 @@ class KTLSListener(trio.abc.Listener[KTLSStream]):
         ssl_context: ssl.SSLContext,
         *,
         nursery: trio.Nursery,
-        handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
         https_compatible: bool = False,
-        ktls: KTLSMode = "auto",
-        rekey_after_records: int | None = None,
-        request_peer_rekey_after_records: int | None = None,
+        **options: Unpack[KTLSOptions],
     ) -> None:
+        options.setdefault("handshake_timeout", DEFAULT_SERVER_HANDSHAKE_TIMEOUT)
+        StreamOptions(**options)
+        #: The listener whose connections are wrapped.
         self.transport_listener: Final = transport_listener
         self._ssl_context = ssl_context
         self._nursery = nursery
-        self._handshake_timeout = handshake_timeout
         self._https_compatible = https_compatible
-        self._ktls: KTLSMode = ktls
-        self._rekey_after = rekey_after_records
-        self._request_peer_rekey_after = request_peer_rekey_after_records
+        self._options = options
 
     async def accept(self) -> KTLSStream:
+        """Accept a connection and wrap it (the handshake has not run yet)."""
         transport = await self.transport_listener.accept()
         return KTLSStream(
             transport,
@@ -146,13 +140,11 @@ class KTLSListener(trio.abc.Listener[KTLSStream]):
             nursery=self._nursery,
             server_side=True,
             https_compatible=self._https_compatible,
-            ktls=self._ktls,
-            rekey_after_records=self._rekey_after,
-            request_peer_rekey_after_records=self._request_peer_rekey_after,
-            handshake_timeout=self._handshake_timeout,
+            **self._options,
         )
 
     async def aclose(self) -> None:
+        """Close the underlying listener."""
         await self.transport_listener.aclose()
 
 
@@ -163,21 +155,21 @@ async def serve_ktls_over_tcp(
     *,
     host: str | bytes | None = None,
     https_compatible: bool = False,
-    handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
-    ktls: KTLSMode = "auto",
-    rekey_after_records: int | None = None,
-    request_peer_rekey_after_records: int | None = None,
     backlog: int | None = None,
     task_status: trio.TaskStatus[list[KTLSListener]] = trio.TASK_STATUS_IGNORED,
+    **options: Unpack[KTLSOptions],
 ) -> None:
     """Serve TLS over TCP with kTLS, forever; the counterpart of `trio.serve_ssl_over_tcp`.
 
     Each connection's handshake runs in its own handler task, bounded by
-    ``handshake_timeout``; a failed or timed-out handshake is logged (logger
-    ``trio_ktls``) and closes that connection only. ``handler`` gets a handshaken stream,
-    which is closed when it returns. ``nursery.start(serve_ktls_over_tcp, ...)`` returns
-    the `KTLSListener`\\s.
+    ``handshake_timeout`` (60 s unless given); a failed or timed-out handshake is logged
+    (logger ``trio_ktls``) and closes that connection only. ``handler`` gets a
+    handshaken stream, which is closed when it returns. ``nursery.start(
+    serve_ktls_over_tcp, ...)`` returns the `KTLSListener`\\s. The options are checked
+    before the port is opened.
     """
+    options.setdefault("handshake_timeout", DEFAULT_SERVER_HANDSHAKE_TIMEOUT)
+    StreamOptions(**options)
     tcp_listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
     async with trio.open_nursery() as stream_nursery:
         listeners = [
@@ -185,11 +177,8 @@ async def serve_ktls_over_tcp(
                 listener,
                 ssl_context,
                 nursery=stream_nursery,
-                handshake_timeout=handshake_timeout,
                 https_compatible=https_compatible,
-                ktls=ktls,
-                rekey_after_records=rekey_after_records,
-                request_peer_rekey_after_records=request_peer_rekey_after_records,
+                **options,
             )
             for listener in tcp_listeners
         ]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import enum
 import socket
+import ssl
 import struct
 from dataclasses import dataclass
 from typing import Final, TypeAlias
@@ -55,11 +56,6 @@ MSG_EOR: Final = socket.MSG_EOR
 
 #: Room for the one-byte record-type control message on receive.
 RECORD_TYPE_CMSG_SPACE: Final = socket.CMSG_SPACE(1)
-
-
-class TLSVersion(enum.IntEnum):
-    TLS1_2 = 0x0303
-    TLS1_3 = 0x0304
 
 
 class KernelCipher(enum.IntEnum):
@@ -111,10 +107,10 @@ def key_size(cipher: KernelCipher) -> int:
     return _LAYOUTS[cipher].key
 
 
-def write_iv_size(version: TLSVersion, cipher: KernelCipher) -> int:
+def write_iv_size(version: ssl.TLSVersion, cipher: KernelCipher) -> int:
     """Length of the IV that `CryptoInfo` takes: TLS 1.2 AES's 4-byte implicit part, else 12."""
     layout = _LAYOUTS[cipher]
-    if version is TLSVersion.TLS1_2 and layout.salt:
+    if version is ssl.TLSVersion.TLSv1_2 and layout.salt:
         return layout.salt
     return layout.salt + layout.iv
 
@@ -140,7 +136,7 @@ class CryptoInfo:
 
     def __init__(
         self,
-        version: TLSVersion,
+        version: ssl.TLSVersion,
         cipher: KernelCipher,
         *,
         key: bytes | bytearray,
@@ -151,7 +147,7 @@ class CryptoInfo:
         if len(key) != layout.key:
             raise ValueError(f"{cipher.name} needs a {layout.key}-byte key, got {len(key)}")
         seq = rec_seq.to_bytes(8, "big")
-        if version is TLSVersion.TLS1_2 and layout.salt:
+        if version is ssl.TLSVersion.TLSv1_2 and layout.salt:
             if len(write_iv) != layout.salt:
                 raise ValueError(f"TLS 1.2 {cipher.name} needs a {layout.salt}-byte implicit IV")
             salt, iv = bytes(write_iv), seq

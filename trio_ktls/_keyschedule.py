@@ -63,14 +63,16 @@ the name OpenSSL gives them (``SSLObject.cipher()[0]``, ``openssl ciphers -V``).
 from __future__ import annotations
 
 import enum
+import ssl
 from dataclasses import dataclass, field
 from typing import Final
 
 from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
-TLS1_2_VERSION: Final = 0x0303
-TLS1_3_VERSION: Final = 0x0304
+#: The TLS versions the kernel's record layer implements, as the stdlib spells them
+#: (``ssl.TLSVersion`` values are the wire code points, 0x0303 and 0x0304).
+KTLS_VERSIONS: Final = (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3)
 
 #: RFC 8446 §7.1: every TLS 1.3 label is prefixed with this.
 TLS13_LABEL_PREFIX: Final = b"tls13 "
@@ -108,7 +110,7 @@ class CipherSuite:
     """
 
     name: str
-    tls_version: int
+    tls_version: ssl.TLSVersion
     aead: Aead
     key_length: int
     hash: type[hashes.HashAlgorithm]
@@ -129,7 +131,7 @@ class CipherSuite:
         ChaCha20-Poly1305 (RFC 7905 §2) and for all of TLS 1.3 (RFC 8446 §5.3), where the
         nonce is the IV XORed with the sequence number.
         """
-        if self.tls_version == TLS1_2_VERSION and self.aead is not Aead.CHACHA20_POLY1305:
+        if self.tls_version is ssl.TLSVersion.TLSv1_2 and self.aead is not Aead.CHACHA20_POLY1305:
             return 8
         return 0
 
@@ -137,14 +139,14 @@ class CipherSuite:
 def _suite(
     code: int,
     name: str,
-    version: int,
+    version: ssl.TLSVersion,
     aead: Aead,
     hash_: type[hashes.HashAlgorithm],
 ) -> CipherSuite:
     key_length = 32 if aead in (Aead.AES_256_GCM, Aead.CHACHA20_POLY1305) else 16
     # TLS 1.3 and ChaCha20 derive the whole 12-byte nonce base; TLS 1.2 AES-GCM/CCM derive
     # a 4-byte salt and carry 8 explicit nonce bytes in each record.
-    nonce_base = version == TLS1_3_VERSION or aead is Aead.CHACHA20_POLY1305
+    nonce_base = version is ssl.TLSVersion.TLSv1_3 or aead is Aead.CHACHA20_POLY1305
     fixed_iv_length = 12 if nonce_base else 4
     return CipherSuite(
         name=name,
@@ -157,8 +159,8 @@ def _suite(
     )
 
 
-_V13: Final = TLS1_3_VERSION
-_V12: Final = TLS1_2_VERSION
+_V13: Final = ssl.TLSVersion.TLSv1_3
+_V12: Final = ssl.TLSVersion.TLSv1_2
 _GCM128: Final = Aead.AES_128_GCM
 _GCM256: Final = Aead.AES_256_GCM
 _CCM128: Final = Aead.AES_128_CCM
@@ -192,15 +194,30 @@ CIPHER_SUITES: Final[tuple[CipherSuite, ...]] = (
     _suite(0xC0AC, "ECDHE-ECDSA-AES128-CCM", _V12, _CCM128, _SHA256),
 )
 
-_SUITES_BY_NAME: Final[dict[tuple[str, int], CipherSuite]] = {
+_SUITES_BY_NAME: Final[dict[tuple[str, ssl.TLSVersion], CipherSuite]] = {
     (suite.name, suite.tls_version): suite for suite in CIPHER_SUITES
 }
 
 
-def lookup_suite(name: str, tls_version: int) -> CipherSuite | None:
-    """The suite OpenSSL calls ``name`` at ``tls_version`` (0x0303 or 0x0304), or None
-    when the kernel cannot take it (CBC suites, CCM_8, unknown names)."""
+def lookup_suite(name: str, tls_version: ssl.TLSVersion | None) -> CipherSuite | None:
+    """The suite OpenSSL calls ``name`` at ``tls_version``, or None when the kernel
+    cannot take it (CBC suites, CCM_8, unknown names, versions other than 1.2 and 1.3)."""
+    if tls_version is None:
+        return None
     return _SUITES_BY_NAME.get((name, tls_version))
+
+
+def tls_version_from_name(name: str | None) -> ssl.TLSVersion | None:
+    """The version ``SSLObject.version()`` calls ``name`` (``"TLSv1.3"``), if kTLS has it."""
+    for version in KTLS_VERSIONS:
+        if name == tls_version_name(version):
+            return version
+    return None
+
+
+def tls_version_name(version: ssl.TLSVersion) -> str:
+    """``"TLSv1.2"`` / ``"TLSv1.3"``: the spelling of ``SSLObject.version()``."""
+    return version.name.replace("_", ".")
 
 
 # --- TLS 1.3 -------------------------------------------------------------------------

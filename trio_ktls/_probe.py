@@ -24,6 +24,7 @@ import functools
 import gzip
 import os
 import socket
+import ssl
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -31,8 +32,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+import trio
+
 from . import _kernel
-from ._kernel import CryptoInfo, KernelCipher, TLSVersion
+from ._kernel import CryptoInfo, KernelCipher
+from ._keyschedule import KTLS_VERSIONS, tls_version_name
 
 _TIMEOUT: Final = 10.0
 _TLS_STAT: Final = Path("/proc/net/tls_stat")
@@ -64,9 +68,9 @@ class ProbeResult:
     rekey_error: str | None = None
     tls_stat: Mapping[str, int] = field(default_factory=dict)
 
-    def supports(self, version: TLSVersion, cipher: KernelCipher) -> bool:
+    def supports(self, version: ssl.TLSVersion, cipher: KernelCipher) -> bool:
         return any(
-            c.version == version.name and c.cipher == cipher.name and c.tx and c.rx
+            c.version == tls_version_name(version) and c.cipher == cipher.name and c.tx and c.rx
             for c in self.ciphers
         )
 
@@ -110,7 +114,7 @@ def probe() -> ProbeResult:
             _kernel.attach_ulp(a)
     except OSError as exc:
         return ProbeResult(False, ulp_error_reason(exc), release, tls_stat=read_tls_stat())
-    ciphers = tuple(_probe_cipher(v, c) for v in TLSVersion for c in KernelCipher)
+    ciphers = tuple(_probe_cipher(v, c) for v in KTLS_VERSIONS for c in KernelCipher)
     tx_rekey, rx_rekey, rekey_error = _probe_rekey()
     usable = [c for c in ciphers if c.tx and c.rx]
     return ProbeResult(
@@ -134,9 +138,25 @@ def tls13_rekey_supported() -> bool:
     """Whether this kernel can replace TLS 1.3 keys in both directions (6.14+).
 
     Checked once per process by doing it (see `probe`), not from the version number.
+    Blocking (sockets, and waits of up to ``_TIMEOUT``): streams use
+    `kernel_can_rekey_tls13`, which runs it in a worker thread.
     """
     tx_ok, rx_ok, _ = _probe_rekey()
     return bool(tx_ok and rx_ok)
+
+
+#: `tls13_rekey_supported`'s answer once a stream has asked for it.
+_rekey_answer: bool | None = None
+
+
+async def kernel_can_rekey_tls13() -> bool:
+    """`tls13_rekey_supported`, found once per process in a worker thread, so that the
+    event loop keeps running while throw-away sockets are rekeyed. Asked the first time a
+    key update is wanted, not at every handoff: most connections never update keys."""
+    global _rekey_answer
+    if _rekey_answer is None:
+        _rekey_answer = await trio.to_thread.run_sync(tls13_rekey_supported)
+    return _rekey_answer
 
 
 def read_tls_stat() -> dict[str, int]:
@@ -224,7 +244,7 @@ def _loopback_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
         yield client, server
 
 
-def _made_up_key(version: TLSVersion, cipher: KernelCipher, fill: int) -> CryptoInfo:
+def _made_up_key(version: ssl.TLSVersion, cipher: KernelCipher, fill: int) -> CryptoInfo:
     return CryptoInfo(
         version,
         cipher,
@@ -234,7 +254,7 @@ def _made_up_key(version: TLSVersion, cipher: KernelCipher, fill: int) -> Crypto
     )
 
 
-def _probe_cipher(version: TLSVersion, cipher: KernelCipher) -> CipherSupport:
+def _probe_cipher(version: ssl.TLSVersion, cipher: KernelCipher) -> CipherSupport:
     tx = rx = False
     try:
         with _loopback_pair() as (a, b):
@@ -248,16 +268,17 @@ def _probe_cipher(version: TLSVersion, cipher: KernelCipher) -> CipherSupport:
             data, _, _, _ = b.recvmsg(64, _kernel.RECORD_TYPE_CMSG_SPACE)
             if data != b"probe":
                 return CipherSupport(
-                    version.name, cipher.name, tx, rx, "record did not round-trip"
+                    tls_version_name(version), cipher.name, tx, rx, "record did not round-trip"
                 )
     except OSError as exc:
-        return CipherSupport(version.name, cipher.name, tx, rx, os.strerror(exc.errno or 0))
-    return CipherSupport(version.name, cipher.name, tx, rx)
+        why = os.strerror(exc.errno or 0)
+        return CipherSupport(tls_version_name(version), cipher.name, tx, rx, why)
+    return CipherSupport(tls_version_name(version), cipher.name, tx, rx)
 
 
 def _probe_rekey() -> tuple[bool | None, bool | None, str | None]:
     """(TX rekey works, RX rekey works, why not) for TLS 1.3 AES-GCM-128."""
-    version, cipher = TLSVersion.TLS1_3, KernelCipher.AES_GCM_128
+    version, cipher = ssl.TLSVersion.TLSv1_3, KernelCipher.AES_GCM_128
     tx_ok: bool | None = None
     rx_ok: bool | None = None
     try:

@@ -16,6 +16,8 @@ never saw them.
 
 from __future__ import annotations
 
+import logging
+import ssl
 from typing import Final
 
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM, ChaCha20Poly1305
@@ -25,6 +27,8 @@ from ._messages import ContentType
 
 _LEGACY_VERSION: Final = b"\x03\x03"
 _TAG_LENGTH: Final = 16
+
+logger: Final = logging.getLogger("trio_ktls")
 
 
 def seal_tls13_record(
@@ -46,14 +50,29 @@ def seal_tls13_record(
 
 
 class TicketRelay:
-    """Re-protects ticket messages for a TLS 1.3 client's ``SSLObject`` (see above)."""
+    """Re-protects ticket messages for a TLS 1.3 client's ``SSLObject`` and feeds them to
+    it (see above)."""
 
-    def __init__(self, suite: CipherSuite, server_traffic_secret_0: bytes) -> None:
+    def __init__(
+        self,
+        suite: CipherSuite,
+        server_traffic_secret_0: bytes,
+        ssl_object: ssl.SSLObject,
+        incoming: ssl.MemoryBIO,
+    ) -> None:
         self._suite = suite
         self._key, self._iv = tls13_traffic_key_iv(
             server_traffic_secret_0, suite.key_length, suite.hash_algorithm
         )
         self._seq = 0
+        self._ssl = ssl_object
+        self._incoming = incoming
+        self._broken = False
+        #: Tickets that arrived after the handoff (relayed or not).
+        self.relayed = 0
+
+    def __repr__(self) -> str:
+        return f"<TicketRelay {self._suite.name}, {self.relayed} relayed>"
 
     def seal(self, handshake_message: bytes) -> bytes:
         record = seal_tls13_record(
@@ -61,3 +80,18 @@ class TicketRelay:
         )
         self._seq += 1
         return record
+
+    def relay(self, handshake_message: bytes) -> None:
+        """Give one NewSessionTicket message to OpenSSL, so ``session`` can resume."""
+        self.relayed += 1
+        if self._broken:
+            return
+        self._incoming.write(self.seal(handshake_message))
+        try:
+            self._ssl.read(1)
+        except ssl.SSLWantReadError:
+            pass  # the expected outcome: the ticket was consumed, no data followed
+        except ssl.SSLError as exc:
+            # Resumption will not work, but this connection is unharmed.
+            logger.warning("OpenSSL refused a relayed session ticket: %s", exc)
+            self._broken = True

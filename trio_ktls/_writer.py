@@ -1,91 +1,79 @@
-"""The transmit side of an offloaded stream: one lock, one record count, key rotation.
+"""The transmit side of an offloaded stream: one lock, one record budget, key rotation.
 
 Theory of operation
 -------------------
 Every byte that reaches a kTLS socket after the handoff goes through `KernelWriter`, by
-whoever holds ``lock`` (a StrictFIFOLock): the application's ``send_all``, the reader task
-(alerts, KeyUpdate answers) and ``update_keys``. Holding it across the KeyUpdate record and
-the ``TLS_TX`` re-install that follows means no record can slip in between and be
-encrypted under a key the peer no longer expects (RFC 8446 §4.6.3: the sender switches
-keys right after its KeyUpdate).
+whoever holds its ``lock`` (a StrictFIFOLock, created and owned here): the application's
+``send_all``/``send_file``/``send_eof``, the reader task (alerts, KeyUpdate answers) and
+``update_keys``. Holding it across our KeyUpdate record and the ``TLS_TX`` re-install that
+follows means no record can slip in between and be encrypted under a key the peer no
+longer expects (RFC 8446 §4.6.3: the sender switches keys right after its KeyUpdate).
 
 Data goes out in chunks. Between chunks the writer services *pending* work, so that a key
 rotation asked for by the reader task (the peer sent KeyUpdate with update_requested, or
 the peer's records near their limit) never waits behind a large ``send_all``, and the
 reader never blocks on the lock (it could deadlock against a sender that waits for the
-peer to read, while the peer waits for us to read).
+peer to read, while the peer waits for us to read): `update_soon` either finds the lock
+free and rotates at once, or leaves the rotation to the holder.
 
-Record accounting (RFC 8446 §5.5): the kernel numbers the records of each key epoch. A
-``send`` that moved ``n`` bytes made at most ``ceil(n / 2**14)`` records, and each control
-record is one; that upper bound is kept without system calls. Only when it nears
-``rekey_after_records`` does the writer ask the kernel for its exact figure
-(``getsockopt(TLS_TX)``) and, if the limit really is near, rotate the key first. Where the
-kernel cannot rotate (before Linux 6.14, and TLS 1.2 everywhere) the writer refuses to go
-past the limit: the stream then closes cleanly instead.
+The record budget (see ``_keys``) keeps one record below the limit in reserve: our
+KeyUpdate, or close_notify where the key cannot be replaced. Where it cannot (TLS 1.2,
+kernels before 6.14) the writer refuses to pass the limit: it sends close_notify, shuts
+the write side and raises `ConfidentialityLimitError`.
+
+Invariant: methods whose names do not say otherwise are called with ``lock`` held.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+import socket
 from typing import Final
 
 import trio
 
 from . import _kernel
-from ._errors import KTLSRekeyUnsupportedError
-from ._handoff import HandoffKeys
-from ._kernel import CryptoInfo, TLSVersion
-from ._keyschedule import Aead, CipherSuite, tls13_next_traffic_secret, tls13_traffic_key_iv
-from ._messages import MAX_PLAINTEXT, ContentType, encode_key_update
+from ._errors import ConfidentialityLimitError, KTLSRekeyFailedError
+from ._keys import RecordBudget, TrafficKeys
+from ._messages import CLOSE_NOTIFY, MAX_PLAINTEXT, ContentType, encode_key_update
 
 #: Bytes per ``send`` between checks for pending work.
 CHUNK: Final = 256 * 1024
-
-
-class ConfidentialityLimitError(KTLSRekeyUnsupportedError):
-    """The transmit key reached its record limit and this kernel cannot rotate it."""
+#: Records per chunk when no limit is near (any figure above CHUNK / MAX_PLAINTEXT).
+_UNLIMITED: Final = 1 << 40
 
 
 class KernelWriter:
-    """Writes to an offloaded socket; see the module docs. Methods need ``lock`` held."""
+    """Writes to an offloaded socket; see the module docs."""
 
     def __init__(
-        self,
-        sock: trio.socket.SocketType,
-        lock: trio.StrictFIFOLock,
-        keys: HandoffKeys,
-        suite: CipherSuite,
-        *,
-        first_seq: int,
-        rekey_after_records: int | None,
-        rekey_supported: Callable[[], bool],
+        self, sock: trio.socket.SocketType, keys: TrafficKeys, budget: RecordBudget
     ) -> None:
-        self.lock: Final = lock
+        self.lock: Final = trio.StrictFIFOLock()
         self._sock = sock
         self._keys = keys
-        self._suite = suite
-        self._limit = rekey_after_records
-        self._rekey_supported = rekey_supported
-        #: Upper bound of records sent under the current key (the kernel's rec_seq).
-        self._records = first_seq
+        self._budget = budget
         #: None, or the update_requested flag of a KeyUpdate we owe the peer.
         self._pending: bool | None = None
         self.key_updates_sent = 0
-        self.automatic_rekeys = 0
 
-    @property
-    def can_rotate(self) -> bool:
-        return self._keys.version is TLSVersion.TLS1_3 and self._rekey_supported()
+    # -- without the lock -------------------------------------------------------------
 
-    def schedule_update(self, *, request_peer_update: bool) -> None:
-        """Ask for a KeyUpdate at the next chance (callable without the lock)."""
+    async def update_soon(self, *, request_peer_update: bool) -> None:
+        """Have a KeyUpdate sent soon, never waiting for a busy writer.
+
+        If a task holds the lock, it sends the update at its next chunk boundary (or
+        before it releases the lock); otherwise the update goes out now.
+        """
         self._pending = bool(self._pending) or request_peer_update
+        if self.lock.locked():
+            await trio.lowlevel.checkpoint()
+            return
+        async with self.lock:
+            await self.service_pending()
 
-    @property
-    def update_pending(self) -> bool:
-        return self._pending is not None
+    # -- with the lock ----------------------------------------------------------------
 
     async def service_pending(self) -> None:
         if self._pending is not None:
@@ -93,102 +81,60 @@ class KernelWriter:
 
     async def send_data(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
-        if not view:
-            await trio.lowlevel.checkpoint()
-            return
         while view:
             await self.service_pending()
             room = await self._records_left()
-            chunk = view[: min(CHUNK, room * MAX_PLAINTEXT)]
-            sent = await self._sock.send(chunk)
-            self._records += math.ceil(sent / MAX_PLAINTEXT)
+            sent = await self._sock.send(view[: min(CHUNK, room * MAX_PLAINTEXT)])
+            self._budget.charge(math.ceil(sent / MAX_PLAINTEXT))
             view = view[sent:]
+        await self.service_pending()
 
     async def send_control(self, content_type: int, payload: bytes) -> None:
-        """One alert record through the kernel. Alerts may use the record that the limit
-        keeps in reserve (for our KeyUpdate, or for close_notify when we cannot rotate)."""
+        """One control record. It may use the record the budget keeps in reserve."""
         await self._sock.sendmsg([payload], _kernel.set_record_type_cmsg(content_type))
-        self._records += 1
+        self._budget.charge(1)
+
+    async def send_eof(self) -> None:
+        """close_notify (RFC 8446 §6.1; the kernel never sends it), then shut down the
+        write side."""
+        await self.send_control(ContentType.ALERT, CLOSE_NOTIFY.encode())
+        self._sock.shutdown(socket.SHUT_WR)
 
     async def _records_left(self) -> int:
-        """Data records that may still be sent under this key (>= 1), rotating first if
+        """Data records that may still go out under this key (>= 1), rotating first if
         the limit is near. One record below the limit stays in reserve."""
-        if self._limit is None:
-            return 1 << 40
-        last = self._limit - 1
-        if self._records >= last:
-            # The bound says we are there; the kernel knows exactly.
-            self._records = _kernel.read_rec_seq(self._sock, _kernel.TLS_TX, self._keys.tx.cipher)
-        if self._records >= last:
-            if not self.can_rotate:
+        limit = self._budget.limit
+        if limit is None:
+            return _UNLIMITED
+        last = limit - 1
+        if self._budget.reached(last):
+            if not await self._keys.can_update():
+                reason = self._keys.cannot_update_reason()
+                exact = self._budget.bound
+                await self.send_eof()
                 raise ConfidentialityLimitError(
-                    f"the transmit key has protected {self._records} records and its limit "
-                    f"is {self._limit}; {_cannot_rotate_reason(self._keys.version)}"
+                    f"the transmit key has protected {exact} records and its limit is "
+                    f"{limit}; {reason}; the stream was closed with close_notify"
                 )
-            self.automatic_rekeys += 1
             await self.rotate(request_peer_update=False)
-        return last - self._records
-
-    def cannot_rotate_error(self) -> KTLSRekeyUnsupportedError:
-        return KTLSRekeyUnsupportedError(
-            f"cannot update the transmit key: {_cannot_rotate_reason(self._keys.version)}"
-        )
+        return last - self._budget.bound
 
     async def rotate(self, *, request_peer_update: bool) -> None:
         """Send KeyUpdate, then install the next transmit key (RFC 8446 §4.6.3, §7.2)."""
-        if not self.can_rotate:
-            raise self.cannot_rotate_error()
-        keys, suite = self._keys, self._suite
-        assert keys.tx_secret is not None
+        if not await self._keys.can_update():
+            raise self._keys.cannot_update_error()
         self._pending = None
-        await self._sock.sendmsg(
-            [encode_key_update(request_peer_update)],
-            _kernel.set_record_type_cmsg(ContentType.HANDSHAKE),
-        )
-        secret = bytearray(tls13_next_traffic_secret(bytes(keys.tx_secret), suite.hash_algorithm))
-        key, iv = tls13_traffic_key_iv(bytes(secret), suite.key_length, suite.hash_algorithm)
-        info = CryptoInfo(keys.version, keys.tx.cipher, key=key, write_iv=iv, rec_seq=0)
+        await self.send_control(ContentType.HANDSHAKE, encode_key_update(request_peer_update))
+        info = self._keys.update_tx_secret()
         try:
             _kernel.install_key(self._sock, _kernel.TLS_TX, info)
         except OSError as exc:
             # Our KeyUpdate is on the wire: the peer expects the new key from now on.
-            raise KTLSRekeyUnsupportedError(
+            raise KTLSRekeyFailedError(
                 f"the kernel refused the next transmit key ({os.strerror(exc.errno or 0)}) "
                 "after our KeyUpdate was sent; the connection cannot continue"
             ) from exc
         finally:
             info.wipe()
-        keys.tx_secret[:] = secret
-        secret[:] = bytes(len(secret))
-        self._records = 0
+        self._budget.restart()
         self.key_updates_sent += 1
-
-
-def _cannot_rotate_reason(version: TLSVersion) -> str:
-    if version is TLSVersion.TLS1_2:
-        return "TLS 1.2 has no key update"
-    return (
-        "this kernel cannot replace a kTLS key (TLS 1.3 rekey needs Linux 6.14 or newer; "
-        f"running {os.uname().release})"
-    )
-
-
-# RFC 8446 §5.5: AES-GCM keys must be rotated before 2**24.5 full-size records. The AEAD
-# limits analysis (draft-irtf-cfrg-aead-limits) gives AES-CCM a lower bound, 2**23.5;
-# ChaCha20-Poly1305's (2**62 and more) is out of reach, so there is no limit to enforce.
-_TX_LIMITS: Final[dict[Aead, int | None]] = {
-    Aead.AES_128_GCM: int(2**24.5),
-    Aead.AES_256_GCM: int(2**24.5),
-    Aead.AES_128_CCM: int(2**23.5),
-    Aead.CHACHA20_POLY1305: None,
-}
-
-
-def record_limits(suite: CipherSuite) -> tuple[int | None, int | None]:
-    """(rekey our key after, ask the peer to rekey after) records, by default.
-
-    We rotate our own key at the limit; we ask the peer at half of it, so that a peer
-    that does not track the limit itself is still well inside it.
-    """
-    limit = _TX_LIMITS[suite.aead]
-    return limit, (None if limit is None else limit // 2)

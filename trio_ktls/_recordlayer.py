@@ -1,0 +1,191 @@
+"""The record layer a stream runs on after its handshake: one interface, two homes.
+
+`KTLSStream` chooses its record layer once, at the handoff, and never asks again which
+one it has (h11's idea: pick the reader and writer by state, in one place):
+
+- `KernelRecordLayer` (here): the kernel encrypts and decrypts; `KernelWriter`
+  (``_writer``) sends, `KernelReader` (``_reader``) runs the reader task, and
+  `TrafficKeys` (``_keys``) owns the keys both use.
+- `UserSpaceRecordLayer` (``_userspace``): the ``ssl.SSLObject`` of the handshake keeps
+  doing everything, like ``trio.SSLStream``.
+
+What each layer owns: its own write serialisation (the stream adds misuse detection, not
+locks), mapping its failures to `trio.BrokenResourceError` in *one* place
+(``_broken_on_os_error`` here, ``_translate`` in ``_userspace``), and every guarantee about
+received data: nothing delivered twice, nothing lost to cancellation or to a later
+failure. The stream owns the state machine (`StreamStatus`), which both layers share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Final, Protocol
+
+import trio
+
+from ._keys import TrafficKeys
+from ._reader import KernelReader
+from ._state import StreamStatus
+from ._writer import CHUNK, KernelWriter
+
+#: Bytes read from a file per chunk when ``send_file`` copies through user space.
+FILE_CHUNK: Final = CHUNK
+
+
+class RecordLayer(Protocol):
+    """What the stream needs from a record layer (all methods may assume a finished
+    handshake and a stream that was OK when the call began)."""
+
+    #: Whether the kernel does the record layer.
+    offloaded: bool
+
+    @property
+    def key_updates_sent(self) -> int: ...
+
+    @property
+    def key_updates_received(self) -> int: ...
+
+    @property
+    def tickets_received(self) -> int: ...
+
+    async def run(self) -> None:
+        """The layer's own task, in the stream's nursery (returns at once if none)."""
+
+    async def send(self, data: bytes | bytearray | memoryview) -> None: ...
+
+    async def send_file(self, fd: int, offset: int, count: int) -> None:
+        """``count`` bytes of ``fd`` from ``offset`` (checked by the caller)."""
+
+    async def receive(self, max_bytes: int) -> bytes | bytearray:
+        """Data, ``b""`` at end of stream, or the stream's failure: only once every byte
+        received before it was delivered."""
+
+    async def send_eof(self) -> None:
+        """close_notify, then shut the write side."""
+
+    async def close_notify_if_idle(self) -> None:
+        """``aclose``'s courtesy close_notify: skipped if a write is under way, silent
+        on failure."""
+
+    async def update_keys(self, *, request_peer_update: bool) -> None: ...
+
+    async def wait_send_all_might_not_block(self) -> None: ...
+
+    def stop(self) -> None:
+        """The stream is closing: stop the task, wake every waiter, wipe keys."""
+
+
+@contextlib.contextmanager
+def _broken_on_os_error(what: str) -> Iterator[None]:
+    """The kernel layer's one error mapping: a socket error breaks the stream."""
+    try:
+        yield
+    except OSError as exc:
+        raise trio.BrokenResourceError(f"{what} failed: {os.strerror(exc.errno or 0)}") from exc
+
+
+class KernelRecordLayer:
+    """Both directions in the kernel (see the module doc)."""
+
+    offloaded = True
+
+    def __init__(
+        self,
+        transport_stream: trio.SocketStream,
+        keys: TrafficKeys,
+        writer: KernelWriter,
+        reader: KernelReader,
+        status: StreamStatus,
+    ) -> None:
+        self._transport = transport_stream
+        self._keys = keys
+        self._writer = writer
+        self._reader = reader
+        self._status = status
+        status.on_change = reader.wake
+
+    @property
+    def key_updates_sent(self) -> int:
+        return self._writer.key_updates_sent
+
+    @property
+    def key_updates_received(self) -> int:
+        return self._reader.key_updates_received
+
+    @property
+    def tickets_received(self) -> int:
+        return self._reader.tickets_received
+
+    async def run(self) -> None:
+        await self._reader.run()
+
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
+        async with self._writer.lock:
+            self._status.check()
+            with _broken_on_os_error("sending"):
+                await self._writer.send_data(data)
+
+    async def send_file(self, fd: int, offset: int, count: int) -> None:
+        async with self._writer.lock:
+            self._status.check()
+            with _broken_on_os_error("sending a file"):
+                await send_file_in_chunks(fd, offset, count, self._writer.send_data)
+
+    async def receive(self, max_bytes: int) -> bytes:
+        return await self._reader.receive(max_bytes)
+
+    async def send_eof(self) -> None:
+        async with self._writer.lock:
+            self._status.check()
+            with _broken_on_os_error("sending close_notify"):
+                await self._writer.send_eof()
+
+    async def close_notify_if_idle(self) -> None:
+        if self._writer.lock.locked():
+            await trio.lowlevel.checkpoint()
+            return
+        async with self._writer.lock:
+            with contextlib.suppress(OSError):
+                await self._writer.send_eof()
+
+    async def update_keys(self, *, request_peer_update: bool) -> None:
+        if not await self._keys.can_update():
+            await trio.lowlevel.checkpoint()
+            raise self._keys.cannot_update_error()
+        async with self._writer.lock:
+            self._status.check()
+            with _broken_on_os_error("sending KeyUpdate"):
+                await self._writer.rotate(request_peer_update=request_peer_update)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._transport.wait_send_all_might_not_block()
+
+    def stop(self) -> None:
+        self._reader.stop()
+        self._keys.wipe()
+
+
+async def send_file_in_chunks(
+    fd: int,
+    offset: int,
+    count: int,
+    send: Callable[[bytes], Awaitable[None]],
+) -> None:
+    """Read ``fd`` in a worker thread, a chunk at a time, and ``send`` each chunk.
+
+    ``pread``: the file's own position is neither used nor changed. A file that ends early
+    breaks the stream (the peer has been promised nothing, but part was sent).
+    """
+    position, remaining = offset, count
+    while remaining:
+        chunk = await trio.to_thread.run_sync(os.pread, fd, min(FILE_CHUNK, remaining), position)
+        if not chunk:
+            raise trio.BrokenResourceError(
+                f"send_file stopped short: the file ended {remaining} bytes before the "
+                "requested range did"
+            )
+        await send(chunk)
+        position += len(chunk)
+        remaining -= len(chunk)
