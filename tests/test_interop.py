@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import socket
 import ssl
-import subprocess
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -23,12 +21,14 @@ from .helpers import (
     CA,
     HOSTNAME,
     MODES,
-    OPENSSL,
     client_context,
     connect_when_listening,
+    free_port,
     needs_openssl,
     server_context,
     server_pem_file,
+    start_openssl,
+    tcp_pair,
 )
 
 SIZE = 16 * 1024 * 1024
@@ -88,14 +88,12 @@ async def test_openssl_s_client_against_our_server(
     (tmp_path / "in").write_bytes(to_server)
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     port = listener.socket.getsockname()[1]
-    args = [OPENSSL, "s_client", "-connect", f"127.0.0.1:{port}", "-quiet", "-CAfile",
+    args = ["s_client", "-connect", f"127.0.0.1:{port}", "-quiet", "-CAfile",
             str(ca_pem), "-servername", HOSTNAME, "-verify_return_error",
             *_openssl_version_args(version, suite)]  # fmt: skip
     with (tmp_path / "in").open("rb") as stdin, (tmp_path / "out").open("wb") as stdout:
         async with trio.open_nursery() as nursery:
-            proc = await nursery.start(
-                partial(trio.run_process, args, stdin=stdin, stdout=stdout, check=False)
-            )
+            proc = await start_openssl(nursery, args, stdin=stdin, stdout=stdout, stderr=None)
             tcp = await listener.accept()
             await listener.aclose()
             stream = KTLSStream(tcp, server_context(version), nursery=nursery,
@@ -117,20 +115,15 @@ async def test_our_client_against_openssl_s_server(
 ) -> None:
     server_pem, _ = _pem_files(tmp_path)
     to_server, to_client = os.urandom(SIZE), os.urandom(SIZE)
-    with socket.socket() as probe_port:
-        probe_port.bind(("127.0.0.1", 0))
-        port = probe_port.getsockname()[1]
-    args = [OPENSSL, "s_server", "-accept", f"127.0.0.1:{port}", "-quiet", "-naccept", "1",
+    port = free_port()
+    args = ["s_server", "-accept", f"127.0.0.1:{port}", "-quiet", "-naccept", "1",
             "-cert", str(server_pem), "-key", str(server_pem),
             *_openssl_version_args(version, suite)]  # fmt: skip
     with (tmp_path / "out").open("wb") as stdout:
         async with trio.open_nursery() as nursery:
             # s_server ends the connection when its stdin reaches EOF, so the pipe stays
             # open until we are done.
-            proc = await nursery.start(
-                partial(trio.run_process, args, stdin=subprocess.PIPE, stdout=stdout, check=False)
-            )
-            assert proc.stdin is not None
+            proc = await start_openssl(nursery, args, stdout=stdout, stderr=None)
             nursery.start_soon(proc.stdin.send_all, to_client)
             tcp = await connect_when_listening(port)
             stream = KTLSStream(tcp, client_context(version), nursery=nursery,
@@ -171,7 +164,9 @@ async def test_stdlib_ssl_socket_peer(
     mode: KTLSMode, version: str, suite: str | None, our_side: str
 ) -> None:
     to_peer, from_peer = os.urandom(SIZE), os.urandom(SIZE)
-    ours_raw, theirs_raw = _tcp_socket_pair()
+    ours, theirs = await tcp_pair()
+    theirs_raw = socket.socket(fileno=theirs.socket.detach())  # a blocking stdlib peer
+    theirs_raw.setblocking(True)
     server_ctx, client_ctx = server_context(version, ciphers=suite), client_context(version)
     ours_ctx, peer_ctx = (
         (client_ctx, server_ctx) if our_side == "client" else (server_ctx, client_ctx)
@@ -192,7 +187,7 @@ async def test_stdlib_ssl_socket_peer(
 
     async with trio.open_nursery() as nursery:
         stream = KTLSStream(
-            trio.SocketStream(trio.socket.from_stdlib_socket(ours_raw)), ours_ctx,
+            ours, ours_ctx,
             nursery=nursery, server_side=our_side == "server",
             server_hostname=HOSTNAME if our_side == "client" else None, ktls=mode,
         )  # fmt: skip
@@ -212,9 +207,3 @@ async def test_stdlib_ssl_socket_peer(
     assert peer_result == [to_peer]
     assert bytes(received) == from_peer
 
-
-def _tcp_socket_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        a = socket.create_connection(listener.getsockname())
-        b, _ = listener.accept()
-    return a, b

@@ -247,3 +247,17 @@ def test_cache_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert kernel_lab.cache_root() == Path("/xdg/trio_ktls/kernels")
     monkeypatch.setenv("TRIO_KTLS_KERNEL_CACHE", "/lab")
     assert kernel_lab.cache_root() == Path("/lab/trio_ktls/kernels")
+
+
+def test_the_design_notes_show_the_matrix_table() -> None:
+    """docs/design.md carries `kernel_lab.py table` verbatim, so it cannot drift."""
+    design = Path(__file__).resolve().parents[1] / "docs" / "design.md"
+    assert kernel_lab.matrix_table() in design.read_text()
+
+
+def test_labels_command_prints_the_matrix() -> None:
+    lab = Path(__file__).resolve().parents[1] / "tools" / "kernel_lab.py"
+    output = subprocess.run(
+        [sys.executable, str(lab), "labels"], check=True, capture_output=True, text=True
+    ).stdout
+    assert tuple(output.split()) == kernel_lab.LABELS

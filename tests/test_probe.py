@@ -10,7 +10,6 @@ import sys
 
 import pytest
 
-import trio_ktls
 from trio_ktls import _probe
 from trio_ktls._kernel import KernelCipher
 from trio_ktls._keyschedule import KTLS_VERSIONS
@@ -108,7 +107,3 @@ def test_kernel_line_capabilities() -> None:
     if expect:
         assert result.tls_stat["TlsTxRekeyOk"] >= 1
         assert result.tls_stat["TlsRxRekeyOk"] >= 1
-
-
-def test_public_names() -> None:
-    assert trio_ktls.probe is _probe.probe
