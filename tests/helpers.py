@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import trio
 import trustme
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 import trio_ktls
 from trio_ktls import KTLSMode, KTLSStream
@@ -49,6 +50,7 @@ def kernel_can_rekey() -> bool:
     if GUEST_KERNEL is not None:
         return KERNEL_LINES[GUEST_KERNEL].tls13_rekey
     return bool(kernel_probe().tls13_tx_rekey and kernel_probe().tls13_rx_rekey)
+
 
 CA = trustme.CA()
 SERVER_CERT = CA.issue_cert("trio-ktls.example", "127.0.0.1")
@@ -329,3 +331,130 @@ RFC8448_TICKET = h(
     c3 88 e9 33 43 69 40 93 93 4a e4 d3 57 00 08 00 2a 00 04 00 00
     04 00"""
 )
+
+
+# --- A hostile peer: real TLS, but any bytes on the wire -------------------------------
+
+
+class HostilePeer:
+    """A TLS peer that does its handshake with OpenSSL, then seals and opens records
+    itself (keys from its key log, as trio_ktls derives them), so a test can send
+    corrupted, oversized, out-of-place or forbidden records after valid data, and read
+    back exactly what our side answered (alerts included)."""
+
+    def __init__(self, stream: trio.SocketStream, context: ssl.SSLContext) -> None:
+        from trio_ktls._handoff import KeyLogTap
+        from trio_ktls._handshake import Handshake
+
+        self.stream = stream
+        self._tap = KeyLogTap.for_context(context)
+        self._handshake = Handshake(
+            stream, context, server_side=True, server_hostname=None, session=None
+        )
+        self._tx: tuple[AESGCM, bytes] | None = None
+        self._rx: tuple[AESGCM, bytes] | None = None
+        self.tls13 = False
+        self._tx_seq = self._rx_seq = 0
+        self._buffer = bytearray()
+
+    async def do_handshake(self) -> None:
+        from trio_ktls._handoff import initial_sequence_numbers
+        from trio_ktls._keyschedule import (
+            lookup_suite,
+            tls12_key_block,
+            tls13_traffic_key_iv,
+        )
+
+        await self._handshake.run()
+        ssl_object, observer = self._handshake.ssl_object, self._handshake.observer
+        cipher = ssl_object.cipher()
+        assert cipher is not None
+        suite = lookup_suite(cipher[0], tls_version_from_name(ssl_object.version()))
+        assert suite is not None and "GCM" in suite.aead.value, cipher
+        self._tap.drain()
+        assert observer.client_random is not None
+        secrets = self._tap.take(observer.client_random)
+        self.tls13 = suite.tls_version is ssl.TLSVersion.TLSv1_3
+        self._tx_seq, self._rx_seq = initial_sequence_numbers(
+            suite.tls_version,
+            server_side=True,
+            final_flush_protected_records=observer.last_flush_protected_records,
+        )
+        algorithm = suite.hash_algorithm
+        if self.tls13:
+            tx_key, tx_iv = tls13_traffic_key_iv(
+                bytes(secrets["SERVER_TRAFFIC_SECRET_0"]), suite.key_length, algorithm
+            )
+            rx_key, rx_iv = tls13_traffic_key_iv(
+                bytes(secrets["CLIENT_TRAFFIC_SECRET_0"]), suite.key_length, algorithm
+            )
+        else:
+            assert observer.server_random is not None
+            block = tls12_key_block(
+                bytes(secrets["CLIENT_RANDOM"]),
+                observer.client_random,
+                observer.server_random,
+                key_length=suite.key_length,
+                iv_length=suite.fixed_iv_length,
+                algorithm=algorithm,
+            )
+            tx_key, tx_iv = block.server_write_key, block.server_write_iv
+            rx_key, rx_iv = block.client_write_key, block.client_write_iv
+        self._tx = (AESGCM(tx_key), tx_iv)
+        self._rx = (AESGCM(rx_key), rx_iv)
+
+    def seal(self, content_type: int, payload: bytes) -> bytes:
+        """One protected record (RFC 8446 §5.2; RFC 5288 §3 for TLS 1.2 AES-GCM)."""
+        assert self._tx is not None
+        aead, iv = self._tx
+        seq, self._tx_seq = self._tx_seq, self._tx_seq + 1
+        if self.tls13:
+            inner = payload + bytes([content_type])
+            header = b"\x17\x03\x03" + (len(inner) + 16).to_bytes(2, "big")
+            nonce = (int.from_bytes(iv, "big") ^ seq).to_bytes(12, "big")
+            return header + bytes(aead.encrypt(nonce, inner, header))
+        explicit = seq.to_bytes(8, "big")
+        aad = explicit + bytes([content_type]) + b"\x03\x03" + len(payload).to_bytes(2, "big")
+        body = explicit + aead.encrypt(iv + explicit, payload, aad)
+        return bytes([content_type]) + b"\x03\x03" + len(body).to_bytes(2, "big") + body
+
+    def seal_data(self, data: bytes) -> bytes:
+        return b"".join(
+            self.seal(23, data[start : start + 16384]) for start in range(0, len(data), 16384)
+        )
+
+    async def receive_record(self) -> tuple[int, bytes] | None:
+        """Our side's next record, opened: (content type, plaintext); None at EOF."""
+        assert self._rx is not None
+        while True:
+            if len(self._buffer) >= 5:
+                length = int.from_bytes(self._buffer[3:5], "big")
+                if len(self._buffer) >= 5 + length:
+                    break
+            chunk = await self.stream.receive_some()
+            if not chunk:
+                return None
+            self._buffer += chunk
+        record = bytes(self._buffer[: 5 + length])
+        del self._buffer[: 5 + length]
+        aead, iv = self._rx
+        seq, self._rx_seq = self._rx_seq, self._rx_seq + 1
+        if self.tls13:
+            nonce = (int.from_bytes(iv, "big") ^ seq).to_bytes(12, "big")
+            inner = aead.decrypt(nonce, record[5:], record[:5]).rstrip(b"\0")
+            return inner[-1], inner[:-1]
+        explicit, ciphertext = record[5:13], record[13:]
+        aad = seq.to_bytes(8, "big") + record[:3] + (len(ciphertext) - 16).to_bytes(2, "big")
+        return record[0], aead.decrypt(iv + explicit, ciphertext, aad)
+
+    async def alerts_until_eof(self) -> list[tuple[int, int]]:
+        """Every (level, description) our side sent until it closed the connection."""
+        alerts = []
+        with trio.fail_after(60):
+            while (record := await self.receive_record()) is not None:
+                content_type, plaintext = record
+                if content_type == 21:
+                    alerts += [
+                        (plaintext[i], plaintext[i + 1]) for i in range(0, len(plaintext), 2)
+                    ]
+        return alerts

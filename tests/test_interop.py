@@ -206,4 +206,3 @@ async def test_stdlib_ssl_socket_peer(
         await stream.aclose()
     assert peer_result == [to_peer]
     assert bytes(received) == from_peer
-

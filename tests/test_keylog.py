@@ -7,10 +7,13 @@ several other stacks' test suites). Real OpenSSL key logs are exercised end to e
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from trio_ktls._errors import TLSDecodeError
 from trio_ktls._keylog import (
@@ -166,7 +169,7 @@ MALFORMED = [
 
 @pytest.mark.parametrize(("text", "message"), MALFORMED)
 def test_malformed_lines(text: bytes, message: str) -> None:
-    with pytest.raises(ValueError, match=re.escape(message)) as e:
+    with pytest.raises(TLSDecodeError, match=re.escape(message)) as e:
         parse_keylog_line(text)
     # No secret, not even a piece of one, in the message.
     for secret in (SECRET_32, SECRET_48):
@@ -236,7 +239,7 @@ def test_collector_bad_line_does_not_lose_good_ones() -> None:
         + line("CLIENT_TRAFFIC_SECRET_0", RANDOM_A, SECRET_32)
         + line("CLIENT_RANDOM", RANDOM_B, SECRET_48)[:20]  # partial, kept
     )
-    with pytest.raises(ValueError, match="does not start with a label") as e:
+    with pytest.raises(TLSDecodeError, match="does not start with a label") as e:
         collector.feed(data)
     assert "(and 1 more bad line(s))" in str(e.value)
     assert SECRET_32.hex()[:8] not in str(e.value)
@@ -248,7 +251,7 @@ def test_collector_bad_line_does_not_lose_good_ones() -> None:
 def test_collector_refuses_an_endless_line() -> None:
     collector = KeyLogCollector()
     collector.feed(b"x" * MAX_LINE_LENGTH)
-    with pytest.raises(ValueError, match=f"longer than {MAX_LINE_LENGTH} bytes"):
+    with pytest.raises(TLSDecodeError, match=f"longer than {MAX_LINE_LENGTH} bytes"):
         collector.feed(b"x")
     assert "0 bytes of partial line" in repr(collector)
     collector.feed(line("CLIENT_RANDOM", RANDOM_B, SECRET_48))
@@ -389,3 +392,27 @@ def test_not_tls_version() -> None:
     with pytest.raises(TLSDecodeError, match="legacy_version 0x0203 is not TLS") as e:
         server_random_from_server_hello(bytes(bad))
     assert e.value.alert == 70
+
+
+# -- any bytes at all: a value or TLSDecodeError, never another exception ---------------
+
+
+@given(st.binary(max_size=400))
+def test_any_key_log_line(line: bytes) -> None:
+    with contextlib.suppress(TLSDecodeError):
+        parse_keylog_line(line)
+
+
+@given(st.lists(st.binary(max_size=200), max_size=6))
+def test_any_key_log_chunks(chunks: list[bytes]) -> None:
+    collector = KeyLogCollector()
+    for chunk in chunks:
+        with contextlib.suppress(TLSDecodeError):
+            collector.feed(chunk)
+
+
+@given(st.binary(max_size=400))
+def test_any_hello(message: bytes) -> None:
+    for parse in (client_random_from_client_hello, server_random_from_server_hello):
+        with contextlib.suppress(TLSDecodeError):
+            assert len(parse(message)) == 32

@@ -666,6 +666,7 @@ def test_suite_names_and_codes_match_openssl() -> None:
 
 # --- End to end: real OpenSSL connections in memory ------------------------------------
 
+
 @dataclasses.dataclass
 class _Connection:
     client: ssl.SSLObject

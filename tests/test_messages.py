@@ -3,9 +3,12 @@ NewSessionTicket, bytes in and values (or ``TLSDecodeError``) out."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from trio_ktls._errors import TLSDecodeError
 from trio_ktls._messages import (
@@ -481,3 +484,50 @@ def test_new_session_ticket_length_overruns() -> None:
     body[9:11] = (4).to_bytes(2, "big")  # ticket length one more than there is
     with pytest.raises(TLSDecodeError, match="truncated in"):
         parse_new_session_ticket(bytes(body))
+
+
+# -- any bytes at all: a value or TLSDecodeError, never another exception ---------------
+
+_ANY_BYTES = st.binary(max_size=600)
+
+
+@given(_ANY_BYTES)
+def test_any_record_header(data: bytes) -> None:
+    try:
+        header = parse_record_header(data)
+    except TLSDecodeError:
+        return
+    assert header.length <= MAX_CIPHERTEXT
+
+
+@given(_ANY_BYTES)
+def test_any_alert(data: bytes) -> None:
+    try:
+        alert = Alert.parse(data)
+    except TLSDecodeError:
+        return
+    assert alert.encode() == data
+
+
+@given(st.lists(_ANY_BYTES, max_size=8))
+def test_any_handshake_records(records: list[bytes]) -> None:
+    reassembler = HandshakeReassembler(max_message_size=1024)
+    try:
+        for record in records:
+            reassembler.feed(record)
+            while (message := reassembler.next_message()) is not None:
+                msg_type, body = message
+                assert len(body) <= 1024
+                if msg_type == HandshakeType.KEY_UPDATE:
+                    parse_key_update(body)
+                elif msg_type == HandshakeType.NEW_SESSION_TICKET:
+                    parse_new_session_ticket(body)
+    except TLSDecodeError:
+        pass
+
+
+@given(_ANY_BYTES)
+def test_any_key_update_and_ticket_body(body: bytes) -> None:
+    for parse in (parse_key_update, parse_new_session_ticket):
+        with contextlib.suppress(TLSDecodeError):
+            parse(body)

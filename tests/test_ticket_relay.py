@@ -16,8 +16,9 @@ def test_relay_reproduces_rfc8448_ticket_record() -> None:
     suite = lookup_suite("TLS_AES_128_GCM_SHA256", ssl.TLSVersion.TLSv1_3)
     assert suite is not None
     incoming = ssl.MemoryBIO()
-    ssl_object = client_context("TLSv1.3").wrap_bio(incoming, ssl.MemoryBIO())
-    relay = TicketRelay(suite, S_AP_TRAFFIC, ssl_object, incoming)
+    outgoing = ssl.MemoryBIO()
+    ssl_object = client_context("TLSv1.3").wrap_bio(incoming, outgoing)
+    relay = TicketRelay(suite, S_AP_TRAFFIC, ssl_object, incoming, outgoing)
     assert relay.seal(RFC8448_TICKET) == RFC8448_TICKET_RECORD
     # The next one uses sequence 1: same length, different bytes.
     second = relay.seal(RFC8448_TICKET)

@@ -372,7 +372,9 @@ def _kernel_record_layer(
     relay = None
     rx_secret = keys.rx_secret
     if rx_secret is not None and not handshake.observer.server_side:
-        relay = TicketRelay(keys.suite, rx_secret, handshake.ssl_object, handshake.incoming)
+        relay = TicketRelay(
+            keys.suite, rx_secret, handshake.ssl_object, handshake.incoming, handshake.outgoing
+        )
     writer = KernelWriter(sock, keys, tx_budget)
     reader = KernelReader(
         sock,

@@ -96,29 +96,29 @@ def _parse_line(line: bytes) -> tuple[str, bytes, bytearray] | None:
     fields = line.split(b" ")
     label_field = fields[0]
     if not _LABEL_RE.fullmatch(label_field):
-        raise ValueError("key log line does not start with a label of A-Z, 0-9 and _")
+        raise TLSDecodeError("key log line does not start with a label of A-Z, 0-9 and _")
     label = label_field.decode("ascii")
     if label in IGNORED_LABELS:
         return None
     if len(fields) != 3:
-        raise ValueError(
+        raise TLSDecodeError(
             f"key log line for {label} has {len(fields)} space-separated fields, expected 3"
         )
     random_field, secret_field = fields[1], fields[2]
     if not _HEX_RE.fullmatch(random_field):
-        raise ValueError(f"key log line for {label}: client_random is not hex")
+        raise TLSDecodeError(f"key log line for {label}: client_random is not hex")
     if len(random_field) != 2 * CLIENT_RANDOM_LENGTH:
-        raise ValueError(
+        raise TLSDecodeError(
             f"key log line for {label}: client_random is {len(random_field) // 2} bytes, "
             f"expected {CLIENT_RANDOM_LENGTH}"
         )
     if not _HEX_RE.fullmatch(secret_field):
-        raise ValueError(f"key log line for {label}: secret is missing or not hex")
+        raise TLSDecodeError(f"key log line for {label}: secret is missing or not hex")
     secret_length = len(secret_field) // 2
     allowed = KNOWN_LABELS.get(label)
     if allowed is not None and secret_length not in allowed:
         expected = " or ".join(str(n) for n in sorted(allowed))
-        raise ValueError(
+        raise TLSDecodeError(
             f"key log line for {label}: secret is {secret_length} bytes, expected {expected}"
         )
     return (
@@ -132,7 +132,7 @@ def parse_keylog_line(line: bytes) -> KeyLogEntry | None:
     """Parse one key-log line (a trailing newline is allowed).
 
     Returns None for blank lines, comments and lines this library has no use for (``RSA``);
-    raises ``ValueError`` for a malformed line, with a message that names the label and
+    raises `TLSDecodeError` for a malformed line, with a message that names the label and
     what is wrong but never the secret.
     """
     parsed = _parse_line(line)
@@ -169,7 +169,7 @@ class KeyLogCollector:
     def feed(self, data: bytes) -> None:
         """Add key-log bytes. Good lines are stored even when a bad one raises.
 
-        Raises ``ValueError`` (after storing every good line of ``data``) when a line is
+        Raises `TLSDecodeError` (after storing every good line of ``data``) when a line is
         malformed, or when a partial line grows past ``MAX_LINE_LENGTH``.
         """
         self._partial += data
@@ -180,7 +180,7 @@ class KeyLogCollector:
             start = newline + 1
             try:
                 parsed = _parse_line(line)
-            except ValueError as exc:
+            except TLSDecodeError as exc:
                 errors.append(str(exc))
                 continue
             if parsed is not None:
@@ -193,7 +193,7 @@ class KeyLogCollector:
             errors.append(f"key log line longer than {MAX_LINE_LENGTH} bytes (dropped)")
         if errors:
             more = f" (and {len(errors) - 1} more bad line(s))" if len(errors) > 1 else ""
-            raise ValueError(errors[0] + more)
+            raise TLSDecodeError(errors[0] + more)
 
     def _store(self, label: str, client_random: bytes, secret: bytearray) -> None:
         secrets = self._secrets.setdefault(client_random, {})

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from typing import Final
 
 from . import _kernel
-from ._errors import KeyUpdateUnavailableError
+from ._errors import KeyUpdateUnavailableError, KTLSRekeyFailedError
 from ._kernel import CryptoInfo
 from ._keyschedule import CipherSuite, tls13_next_traffic_secret, tls13_traffic_key_iv
 from ._probe import kernel_can_rekey_tls13
@@ -67,6 +67,7 @@ class TrafficKeys:
         self.tx: Final = tx
         self.rx: Final = rx
         self._secrets = {_kernel.TLS_TX: tx_secret, _kernel.TLS_RX: rx_secret}
+        self._wiped = False
 
     def __repr__(self) -> str:
         return f"<TrafficKeys {self.suite.name}>"
@@ -119,6 +120,8 @@ class TrafficKeys:
         secret = self._secrets[direction]
         if secret is None:
             raise self.cannot_update_error()
+        if self._wiped:
+            raise KTLSRekeyFailedError("the stream was closed: its keys are gone")
         algorithm = self.suite.hash_algorithm
         secret[:] = tls13_next_traffic_secret(bytes(secret), algorithm)
         key, iv = tls13_traffic_key_iv(bytes(secret), self.suite.key_length, algorithm)
@@ -126,6 +129,7 @@ class TrafficKeys:
         return CryptoInfo(self.version, cipher, key=key, write_iv=iv, rec_seq=0)
 
     def wipe(self) -> None:
+        self._wiped = True
         self.tx.wipe()
         self.rx.wipe()
         for secret in self._secrets.values():

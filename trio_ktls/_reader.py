@@ -175,7 +175,11 @@ class KernelReader:
             # MSG_EOR marks its last piece (tls.rst).
             record = bytearray(data)
             while not flags & _kernel.MSG_EOR and data:
-                data, _, flags, _ = await sock.recvmsg(RECV_SIZE, cmsg_space)
+                try:
+                    data, _, flags, _ = await sock.recvmsg(RECV_SIZE, cmsg_space)
+                except OSError as exc:
+                    await self._on_receive_error(exc)
+                    return
                 record += data
             if record_type == ContentType.ALERT:
                 if self._on_alert_record(bytes(record)):
@@ -264,8 +268,10 @@ class KernelReader:
         if self._keys.version is not _TLS13:
             if msg_type == HandshakeType.HELLO_REQUEST:
                 # RFC 5746 §4.2 lets a client decline renegotiation with a warning.
+                # Best effort: the reader never waits for a busy writer, and a client may
+                # ignore HelloRequest altogether.
                 await self._send_alert(
-                    Alert(AlertLevel.WARNING, AlertDescription.NO_RENEGOTIATION), wait=True
+                    Alert(AlertLevel.WARNING, AlertDescription.NO_RENEGOTIATION)
                 )
                 return
             await self._fatal_alert(
@@ -326,10 +332,10 @@ class KernelReader:
                 failure or KTLSRekeyFailedError(f"sending our KeyUpdate failed: {exc}"),
             )
 
-    async def _send_alert(self, alert: Alert, *, wait: bool) -> None:
-        """Send an alert through the writer. With ``wait=False`` give up rather than wait
-        for a busy writer (the stream is failing anyway)."""
-        if not wait and self._writer.lock.locked():
+    async def _send_alert(self, alert: Alert) -> None:
+        """Send an alert through the writer if it is free (best effort: the reader never
+        waits for a busy writer)."""
+        if self._writer.lock.locked():
             return
         async with self._writer.lock:
             with contextlib.suppress(OSError):
@@ -338,4 +344,4 @@ class KernelReader:
     async def _fatal_alert(self, description: int, failure: str | BaseException) -> None:
         """Fail the stream and tell the peer why (best effort, never waiting)."""
         self._status.fail(TLSProtocolError(failure) if isinstance(failure, str) else failure)
-        await self._send_alert(Alert(AlertLevel.FATAL, description), wait=False)
+        await self._send_alert(Alert(AlertLevel.FATAL, description))

@@ -180,7 +180,14 @@ async def send_file_in_chunks(
     """
     position, remaining = offset, count
     while remaining:
-        chunk = await trio.to_thread.run_sync(os.pread, fd, min(FILE_CHUNK, remaining), position)
+        try:
+            chunk = await trio.to_thread.run_sync(
+                os.pread, fd, min(FILE_CHUNK, remaining), position
+            )
+        except OSError as exc:
+            raise trio.BrokenResourceError(
+                f"send_file stopped: reading the file failed: {os.strerror(exc.errno or 0)}"
+            ) from exc
         if not chunk:
             raise trio.BrokenResourceError(
                 f"send_file stopped short: the file ended {remaining} bytes before the "

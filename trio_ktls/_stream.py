@@ -37,6 +37,7 @@ from __future__ import annotations
 import operator
 import os
 import ssl
+import stat
 import sys
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -216,16 +217,22 @@ class KTLSStream(trio.abc.HalfCloseableStream):
         for ``ktls="require"`` where the kernel cannot take the connection), and
         `trio.TooSlowError` past ``handshake_timeout``."""
         self._status.check()
+        if self._layer is not None:
+            await trio.lowlevel.checkpoint()
+            return
         await self._ensure_handshake()
 
     async def _ensure_handshake(self) -> RecordLayer:
         """The record layer, once the handshake is done; raises if the handshake failed
-        (but not for a failure after it: that is the record layer's to raise)."""
-        if self._handshake_done.is_set():
-            if self._layer is None:
-                raise self._handshake_failure()
-            await trio.lowlevel.checkpoint()
+        (but not for a failure after it: that is the record layer's to raise).
+
+        Callers write ``self._layer or await self._ensure_handshake()``: on the data path
+        the layer's own call is the checkpoint, so a finished handshake costs nothing.
+        """
+        if self._layer is not None:
             return self._layer
+        if self._handshake_done.is_set():
+            raise self._handshake_failure()
         if self._handshake_started:
             await self._handshake_done.wait()
         else:
@@ -238,6 +245,9 @@ class KTLSStream(trio.abc.HalfCloseableStream):
             except ssl.SSLError as exc:
                 self._status.fail(exc)
                 raise trio.BrokenResourceError(f"TLS handshake failed: {exc}") from exc
+            except trio.Cancelled:
+                self._status.fail(trio.BrokenResourceError("the handshake was cancelled midway"))
+                raise
             except BaseException as exc:
                 self._status.fail(exc)
                 raise
@@ -326,9 +336,15 @@ class KTLSStream(trio.abc.HalfCloseableStream):
         offset = operator.index(offset)
         if count is not None:
             count = operator.index(count)
-        size = (await trio.to_thread.run_sync(os.fstat, fd)).st_size
         if offset < 0 or (count is not None and count < 0):
             raise ValueError("offset and count must not be negative")
+        try:
+            status = await trio.to_thread.run_sync(os.fstat, fd)
+        except OSError as exc:
+            raise ValueError(f"send_file cannot use descriptor {fd}: {exc.strerror}") from None
+        if not stat.S_ISREG(status.st_mode):
+            raise ValueError("send_file needs a regular file")
+        size = status.st_size
         if count is None:
             count = max(size - offset, 0)
         if offset + count > size:
@@ -340,19 +356,21 @@ class KTLSStream(trio.abc.HalfCloseableStream):
             await self._sending(layer.send_file(fd, offset, count))
 
     async def _send_prelude(self) -> RecordLayer:
-        layer = await self._ensure_handshake()
+        layer = self._layer or await self._ensure_handshake()
         self._status.check()
         if self._eof_sent:
             raise trio.ClosedResourceError("can't send data after sending EOF")
         return layer
 
-    async def _sending(self, operation: Awaitable[None]) -> None:
-        """Run one write of the record layer; a failure or a cancellation midway breaks
-        the stream (we cannot know how much went out)."""
+    async def _sending(self, operation: Awaitable[None], *, atomic: bool = False) -> None:
+        """Run one write of the record layer; a failure breaks the stream, and so does a
+        cancellation midway (we cannot know how much went out) unless the operation is
+        ``atomic`` (all or nothing, like one KeyUpdate)."""
         try:
             await operation
         except trio.Cancelled:
-            self._status.fail(trio.BrokenResourceError("a write was cancelled midway"))
+            if not atomic:
+                self._status.fail(trio.BrokenResourceError("a write was cancelled midway"))
             raise
         except trio.BrokenResourceError as exc:
             self._status.fail(exc)
@@ -369,20 +387,24 @@ class KTLSStream(trio.abc.HalfCloseableStream):
         sent; the stream stays usable) where it cannot be done: TLS 1.2, a kernel without
         TLS 1.3 rekey (before 6.14), or a stream in user space.
         """
-        layer = await self._ensure_handshake()
+        layer = self._layer or await self._ensure_handshake()
         self._status.check()
-        await self._sending(layer.update_keys(request_peer_update=request_peer_update))
+        # Cancellation leaves the stream usable: the KeyUpdate record is one sendmsg (all
+        # or nothing) and the key install after it is not a checkpoint.
+        operation = layer.update_keys(request_peer_update=request_peer_update)
+        await self._sending(operation, atomic=True)
 
     async def wait_send_all_might_not_block(self) -> None:
         """Wait until ``send_all`` might not block (see `trio.abc.SendStream`)."""
         with self._send_conflict:
-            layer = await self._send_prelude()
+            layer = self._layer or await self._ensure_handshake()
+            self._status.check()
             await layer.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
         """Send close_notify and shut down the write side; receiving goes on."""
         with self._send_conflict:
-            layer = await self._ensure_handshake()
+            layer = self._layer or await self._ensure_handshake()
             self._status.check()
             if self._eof_sent:
                 await trio.lowlevel.checkpoint()
@@ -402,7 +424,7 @@ class KTLSStream(trio.abc.HalfCloseableStream):
                 raise ValueError("max_bytes must be >= 1")
         with self._receive_conflict:
             self._status.check_not_closed()
-            layer = await self._ensure_handshake()
+            layer = self._layer or await self._ensure_handshake()
             return await layer.receive(max_bytes or _DEFAULT_RECEIVE_SIZE)
 
     # -- closing ----------------------------------------------------------------------
@@ -416,15 +438,16 @@ class KTLSStream(trio.abc.HalfCloseableStream):
         was_ok = self._status.state is State.OK
         self._status.close()
         layer = self._layer
+        if layer is None:
+            await self.transport_stream.aclose()
+            return
+        layer.stop()  # no reader task, no key change, from here on
         try:
-            if layer is not None and was_ok and not self._eof_sent:
+            if was_ok and not self._eof_sent:
                 await layer.close_notify_if_idle()
         except BaseException:
             await trio.aclose_forcefully(self.transport_stream)
             raise
-        finally:
-            if layer is not None:
-                layer.stop()
         await self.transport_stream.aclose()
 
 

@@ -59,6 +59,7 @@ class TicketRelay:
         server_traffic_secret_0: bytes,
         ssl_object: ssl.SSLObject,
         incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
     ) -> None:
         self._suite = suite
         self._key, self._iv = tls13_traffic_key_iv(
@@ -67,6 +68,7 @@ class TicketRelay:
         self._seq = 0
         self._ssl = ssl_object
         self._incoming = incoming
+        self._outgoing = outgoing
         self._broken = False
         #: Tickets that arrived after the handoff (relayed or not).
         self.relayed = 0
@@ -95,3 +97,4 @@ class TicketRelay:
             # Resumption will not work, but this connection is unharmed.
             logger.warning("OpenSSL refused a relayed session ticket: %s", exc)
             self._broken = True
+        self._outgoing.read()  # OpenSSL writes nothing here; TX is the kernel's anyway

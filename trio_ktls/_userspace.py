@@ -25,7 +25,7 @@ from typing import Final
 
 import trio
 
-from ._errors import KeyUpdateUnavailableError, truncation_error
+from ._errors import KeyUpdateUnavailableError, TLSProtocolError, truncation_error
 from ._handshake import Handshake
 from ._recordlayer import send_file_in_chunks
 from ._state import StreamStatus
@@ -43,7 +43,7 @@ def _translate(status: StreamStatus) -> Iterator[None]:
     try:
         yield
     except ssl.SSLError as exc:
-        failure = trio.BrokenResourceError(f"TLS failed: {exc}")
+        failure = TLSProtocolError(f"TLS failed: {exc}")
         failure.__cause__ = exc
         status.fail(failure)
         raise status.broken_error() from exc
@@ -119,12 +119,20 @@ class UserSpaceRecordLayer:
             if self._https_compatible:
                 return True  # a TCP close without close_notify is an end, there
             raise truncation_error() from exc
+        except ssl.SSLError:
+            # OpenSSL queued the fatal alert that tells the peer why (RFC 8446 §6.2).
+            await self._send_alert_best_effort()
+            raise
         if not data:
             return True  # close_notify (CPython returns b"" rather than raising)
         self._unread += data
         # Reading may have made OpenSSL write (a KeyUpdate answer): send it now. If that
-        # is cancelled, what was read waits in _unread for the next call.
-        await self._flush()
+        # is cancelled, what was read waits in _unread for the next call; if it fails,
+        # the data goes out first and the failure with the next call.
+        try:
+            await self._flush()
+        except trio.BrokenResourceError as exc:
+            self._status.fail(exc)
         return False
 
     async def _flush(self) -> None:
@@ -138,6 +146,13 @@ class UserSpaceRecordLayer:
                     trio.BrokenResourceError("sending TLS output was cancelled midway")
                 )
                 raise
+
+    async def _send_alert_best_effort(self) -> None:
+        if self._write_lock.locked() or not self._outgoing.pending:
+            return
+        async with self._write_lock:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._transport.send_all(self._outgoing.read())
 
     async def send_eof(self) -> None:
         async with self._write_lock:

@@ -26,6 +26,7 @@ Invariant: methods whose names do not say otherwise are called with ``lock`` hel
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -111,7 +112,8 @@ class KernelWriter:
             if not await self._keys.can_update():
                 reason = self._keys.cannot_update_reason()
                 exact = self._budget.bound
-                await self.send_eof()
+                with contextlib.suppress(OSError):  # the limit is the news, not this
+                    await self.send_eof()
                 raise ConfidentialityLimitError(
                     f"the transmit key has protected {exact} records and its limit is "
                     f"{limit}; {reason}; the stream was closed with close_notify"
@@ -120,9 +122,17 @@ class KernelWriter:
         return last - self._budget.bound
 
     async def rotate(self, *, request_peer_update: bool) -> None:
-        """Send KeyUpdate, then install the next transmit key (RFC 8446 §4.6.3, §7.2)."""
+        """Send KeyUpdate, then install the next transmit key (RFC 8446 §4.6.3, §7.2).
+
+        A pending update is folded in (and its request to the peer kept). Callers that can
+        refuse cleanly check `TrafficKeys.can_update` first; here it is too late for that:
+        an update the peer asked for, or the limit, requires it.
+        """
         if not await self._keys.can_update():
-            raise self._keys.cannot_update_error()
+            raise KTLSRekeyFailedError(
+                f"a key update is required but impossible: {self._keys.cannot_update_reason()}"
+            )
+        request_peer_update = request_peer_update or bool(self._pending)
         self._pending = None
         await self.send_control(ContentType.HANDSHAKE, encode_key_update(request_peer_update))
         info = self._keys.update_tx_secret()
