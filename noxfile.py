@@ -127,6 +127,26 @@ def kernels(session: nox.Session) -> None:
     _kernel_matrix(session, kernel_lab.LABELS)
 
 
+#: Where `nox -s bench` measures kTLS (and writes its reports).
+BENCH_KERNEL = "6.18"
+BENCH_DIR = "reports/bench"
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks: user-space contenders on the host, every contender in the 6.18 guest;
+    then reports/bench/bench.md and its plots (``-- --tiny`` for a smoke run)."""
+    python = _prepare_guest_venv(session)
+    session.install("-e", ".[bench]")
+    tiny = ["--tiny", "--repetitions", "1"] if "--tiny" in session.posargs else []
+    session.run("python", "tools/bench.py", "run", "--out", BENCH_DIR, *tiny)
+    session.run(
+        *LAB, "run", BENCH_KERNEL, f"--rwdir={BENCH_DIR}", "--timeout", "3600", "--",
+        str(python), "tools/bench.py", "run", "--out", BENCH_DIR, *tiny,
+    )  # fmt: skip
+    session.run("python", "tools/bench.py", "report", BENCH_DIR)
+
+
 @nox.session
 def demo(session: nox.Session) -> None:
     """The probe on the host, then the demo in a guest with kTLS."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+from pathlib import Path
 
 import pytest
 import trio
@@ -165,3 +166,49 @@ async def test_raw_ktls_round_trip(version: ssl.TLSVersion, cipher: KernelCipher
 
         # The kernel counted every record it sent: its live rec_seq says so.
         assert _kernel.read_rec_seq(a, _kernel.TLS_TX, cipher) > MiB // 16384
+
+
+@pytest.mark.ktls
+@pytest.mark.parametrize("wait_first", [False, True], ids=["try-first", "wait-first"])
+@pytest.mark.parametrize("version", KTLS_VERSIONS, ids=lambda v: v.name)
+async def test_sendfile_into_a_nonblocking_ktls_socket_does_not_stall(
+    tmp_path: Path, version: ssl.TLSVersion, wait_first: bool
+) -> None:
+    """The reproduction behind docs/design.md's sendfile note: a raw non-blocking loop,
+    ``os.sendfile`` with 1 MiB counts, trio's ``wait_writable`` after EAGAIN (or before
+    every call), a reader on the other end. It completes on every kernel line."""
+    size = 16 * MiB + 4321
+    path = tmp_path / "payload"
+    content = os.urandom(size)
+    path.write_bytes(content)
+    cipher = KernelCipher.AES_GCM_256
+    a_stream, b_stream = await tcp_pair()
+    a, b = a_stream.socket, b_stream.socket
+    with a, b, path.open("rb") as f:
+        for s in (a, b):
+            _kernel.attach_ulp(s)
+        _kernel.install_key(a, _kernel.TLS_TX, _key(version, cipher, b"sf"))
+        _kernel.install_key(b, _kernel.TLS_RX, _key(version, cipher, b"sf"))
+        received = bytearray()
+
+        async def send() -> None:
+            offset = 0
+            while offset < size:
+                if wait_first:
+                    await trio.lowlevel.wait_writable(a)
+                try:
+                    offset += os.sendfile(a.fileno(), f.fileno(), offset, min(MiB, size - offset))
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(a)
+
+        async def receive() -> None:
+            while len(received) < size:
+                data = await b.recv(256 * 1024)
+                assert data, "EOF"
+                received.extend(data)
+
+        with trio.fail_after(120):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send)
+                nursery.start_soon(receive)
+        assert bytes(received) == content

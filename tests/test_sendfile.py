@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio.testing
 
+import trio_ktls
 from trio_ktls import KTLSMode
 
 from .helpers import MODES, kernel_can_rekey, ktls_pair_maker, receive_exactly
@@ -22,12 +23,15 @@ MiB = 1024 * 1024
 @pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])
 @pytest.mark.parametrize("mode", MODES)
 async def test_send_file_is_byte_exact(tmp_path: Path, version: str, mode: KTLSMode) -> None:
-    content = os.urandom(16 * MiB + 12345)
+    """64 MiB (and a bit: not page-aligned), then a slice; zero-copy when offloaded."""
+    content = os.urandom(64 * MiB + 12345)
     path = tmp_path / "payload"
     path.write_bytes(content)
     async with trio.open_nursery() as nursery:
         client, server = await ktls_pair_maker(nursery, version, mode)()
-        with path.open("rb") as f:
+        assert server.ktls_info is not None
+        assert server.ktls_info.zero_copy_send_file is (mode == "require")
+        with path.open("rb") as f, trio.fail_after(300):  # a stall is a failure
             async with trio.open_nursery() as io:
                 io.start_soon(server.send_file, f)
                 assert await receive_exactly(client, len(content)) == content
@@ -80,7 +84,7 @@ async def test_key_update_waits_for_a_blocked_send_file(tmp_path: Path) -> None:
     path.write_bytes(content)
     async with trio.open_nursery() as nursery:
         client, server = await ktls_pair_maker(nursery, "TLSv1.3", "require")()
-        with path.open("rb") as f:
+        with path.open("rb") as f, trio.fail_after(300):  # a stall is a failure
             async with trio.open_nursery() as io:
                 io.start_soon(server.send_file, f)
                 await trio.testing.wait_all_tasks_blocked()  # send_file is stuck now
@@ -92,5 +96,52 @@ async def test_key_update_waits_for_a_blocked_send_file(tmp_path: Path) -> None:
         assert info is not None
         assert info.key_updates_sent == (1 if REKEY() else 0)
         assert client.ktls_info.key_updates_received == info.key_updates_sent  # type: ignore[union-attr]
+        await server.aclose()
+        await client.aclose()
+
+
+@pytest.mark.ktls
+async def test_send_file_with_100_peer_requested_key_updates(tmp_path: Path) -> None:
+    """While 64 MiB go out through send_file, the receiver sends 100 KeyUpdates that ask
+    for ours: each answer goes out between two sendfile calls, never inside a record, and
+    the file arrives byte-exact (6.14+; before, the first one breaks the stream cleanly)."""
+    content = os.urandom(64 * MiB)
+    path = tmp_path / "payload"
+    path.write_bytes(content)
+    updates = 100
+    async with trio.open_nursery() as nursery:
+        client, server = await ktls_pair_maker(nursery, "TLSv1.3", "require")()
+        if not REKEY():
+            with pytest.raises(trio_ktls.KeyUpdateUnavailableError):
+                await client.update_keys(request_peer_update=True)
+            await client.aclose()
+            await server.aclose()
+            return
+        received = bytearray()
+
+        async def receive_and_update() -> None:
+            done = 0
+            while len(received) < len(content):
+                received.extend(await client.receive_some())
+                while done < updates and done * len(content) <= len(received) * updates:
+                    await client.update_keys(request_peer_update=True)
+                    done += 1
+            while done < updates:
+                await client.update_keys(request_peer_update=True)
+                done += 1
+
+        with path.open("rb") as f, trio.fail_after(300):  # a stall is a failure
+            async with trio.open_nursery() as io:
+                io.start_soon(server.send_file, f)
+                io.start_soon(receive_and_update)
+        assert bytes(received) == content
+        client_info, server_info = client.ktls_info, server.ktls_info
+        assert client_info is not None and server_info is not None
+        assert client_info.key_updates_sent == updates
+        assert server_info.key_updates_received == updates
+        # Answers fold into one another when several requests arrive between two calls.
+        assert 1 <= server_info.key_updates_sent <= updates
+        assert client_info.key_updates_received == server_info.key_updates_sent
+        print(f"send_file: {server_info.key_updates_sent} answers to {updates} requests")
         await server.aclose()
         await client.aclose()

@@ -30,7 +30,8 @@ _HOSTNAME = "trio-ktls.demo"
 
 
 @contextmanager
-def _in_memory_file(data: bytes) -> Iterator[str]:
+def in_memory_file(data: bytes) -> Iterator[str]:
+    """A path to ``data`` in a memfd (never on disk), valid inside the ``with``."""
     fd = os.memfd_create("trio_ktls-demo", os.MFD_CLOEXEC)
     try:
         os.write(fd, data)
@@ -39,8 +40,9 @@ def _in_memory_file(data: bytes) -> Iterator[str]:
         os.close(fd)
 
 
-def demo_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """(server, client) contexts around a fresh self-signed ECDSA certificate."""
+def demo_certificate() -> tuple[bytes, bytes]:
+    """(private key, certificate) PEM of a fresh self-signed ECDSA certificate for the
+    demo's host name, valid for an hour. Keep the key in memory (`in_memory_file`)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, _HOSTNAME)])
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -62,8 +64,16 @@ def demo_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+    return key_pem, cert_pem
+
+
+def demo_contexts(
+    certificate: tuple[bytes, bytes] | None = None,
+) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server, client) contexts around ``certificate`` (default: a fresh one)."""
+    key_pem, cert_pem = certificate or demo_certificate()
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    with _in_memory_file(cert_pem) as cert_path, _in_memory_file(key_pem) as key_path:
+    with in_memory_file(cert_pem) as cert_path, in_memory_file(key_pem) as key_path:
         server.load_cert_chain(cert_path, key_path)
     client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     client.load_verify_locations(cadata=cert_pem.decode())

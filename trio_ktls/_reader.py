@@ -11,7 +11,10 @@ KeyUpdate left unread stops the kernel decrypting (6.14+), a close_notify is end
 So one *reader task* per stream loops on ``recvmsg``:
 
 - Data records fill a bounded buffer (``max_receive_buffer``) that `receive` drains. When
-  it is full the reader stops reading, so TCP flow control reaches the peer.
+  it is full the reader stops reading, so TCP flow control reaches the peer. The buffer is
+  a queue of the ``bytes`` objects ``recvmsg`` returned: `receive` hands one out as it is
+  when it fits, so a received byte is copied once in user space (kernel to ``bytes``),
+  and only a chunk larger than ``max_bytes`` is cut.
 - Alerts: close_notify is end of stream; user_canceled and TLS 1.2 warnings are ignored;
   anything else is fatal (RFC 8446 §6.2).
 - Handshake messages (reassembled across records, RFC 8446 §5.1): NewSessionTicket goes to
@@ -37,6 +40,7 @@ import contextlib
 import errno
 import os
 import ssl
+from collections import deque
 from typing import Final
 
 import trio
@@ -66,6 +70,8 @@ from ._writer import KernelWriter
 
 #: Bytes asked of the kernel per ``recvmsg``: four full records.
 RECV_SIZE: Final = 64 * 1024
+#: The least a data read asks for (one full record), even when the buffer is nearly full.
+_MIN_READ: Final = 16 * 1024
 _TLS13: Final = ssl.TLSVersion.TLSv1_3
 
 
@@ -92,7 +98,8 @@ class KernelReader:
         self._https_compatible = https_compatible
         self._max_buffer = max_buffer
         self._ticket_relay = ticket_relay
-        self._buffer = bytearray()
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
         self._eof = False
         self._running = False
         self._scope = trio.CancelScope()
@@ -111,7 +118,7 @@ class KernelReader:
     async def receive(self, max_bytes: int) -> bytes:
         """Up to ``max_bytes`` of data; ``b""`` at end of stream; else the failure."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        while not self._buffer:
+        while not self._chunks:
             self._status.check_not_closed()
             if self._status.failure is not None:
                 raise self._status.broken_error()
@@ -121,8 +128,12 @@ class KernelReader:
             if not self._running:
                 raise trio.BrokenResourceError("the stream's reader task is no longer running")
             await self._data_waiters.park()
-        data = bytes(self._buffer[:max_bytes])
-        del self._buffer[:max_bytes]
+        data = self._chunks[0]
+        if len(data) <= max_bytes:
+            self._chunks.popleft()
+        else:
+            data, self._chunks[0] = data[:max_bytes], data[max_bytes:]
+        self._buffered -= len(data)
         self._room_waiters.unpark_all()
         await trio.lowlevel.cancel_shielded_checkpoint()
         return data
@@ -153,10 +164,11 @@ class KernelReader:
         sock = self._sock
         cmsg_space = _kernel.RECORD_TYPE_CMSG_SPACE
         while True:
-            while len(self._buffer) >= self._max_buffer:
+            while self._buffered >= self._max_buffer:
                 await self._room_waiters.park()
+            size = max(min(RECV_SIZE, self._max_buffer - self._buffered), _MIN_READ)
             try:
-                data, ancdata, flags, _ = await sock.recvmsg(RECV_SIZE, cmsg_space)
+                data, ancdata, flags, _ = await sock.recvmsg(size, cmsg_space)
             except OSError as exc:
                 await self._on_receive_error(exc)
                 return
@@ -168,8 +180,10 @@ class KernelReader:
                 return
             await self._count_received(len(data))
             if record_type == ContentType.APPLICATION_DATA:
-                self._buffer += data
-                self.wake()
+                if data:  # an empty data record is legal (RFC 8446 §5.1) and carries nothing
+                    self._chunks.append(data)
+                    self._buffered += len(data)
+                    self.wake()
                 continue
             # A control record can come back in pieces when it is larger than our buffer;
             # MSG_EOR marks its last piece (tls.rst).

@@ -131,7 +131,7 @@ class KernelRecordLayer:
         async with self._writer.lock:
             self._status.check()
             with _broken_on_os_error("sending a file"):
-                await send_file_in_chunks(fd, offset, count, self._writer.send_data)
+                await self._writer.send_file(fd, offset, count)
 
     async def receive(self, max_bytes: int) -> bytes:
         return await self._reader.receive(max_bytes)

@@ -100,6 +100,9 @@ class KTLSInfo:
     key_updates_sent: int = 0
     #: KeyUpdate messages the peer sent, each followed by a new receive key.
     key_updates_received: int = 0
+    #: Whether ``send_file`` uses ``sendfile(2)`` (the file's bytes never enter Python)
+    #: rather than reading the file and sending it like ``send_all``.
+    zero_copy_send_file: bool = False
 
 
 class _ConflictDetector:
@@ -201,6 +204,7 @@ class KTLSStream(trio.abc.HalfCloseableStream):
             reason=info.reason,
             key_updates_sent=layer.key_updates_sent,
             key_updates_received=layer.key_updates_received,
+            zero_copy_send_file=layer.offloaded,
         )
 
     @property
@@ -328,9 +332,13 @@ class KTLSStream(trio.abc.HalfCloseableStream):
 
         ``file`` is a descriptor or a file object with one; its own position is neither
         used nor changed. The range is checked before anything is sent (`ValueError`
-        past the end, `TypeError` for an object without a descriptor). The file is read
-        in chunks in a worker thread and each chunk goes out like ``send_all``, under the
-        same writer lock; a file that shrinks meanwhile breaks the stream.
+        past the end or for a file that is not a regular file, `TypeError` for an object
+        without a descriptor). Offloaded, the kernel reads the page cache and encrypts
+        (``sendfile(2)``; ``ktls_info.zero_copy_send_file``); in user space the file is
+        read in chunks in a worker thread. Either way it goes out under the same writer
+        lock as ``send_all``, its records count toward the key's limit, and a file that
+        shrinks meanwhile breaks the stream. A cancelled ``send_file`` breaks the stream,
+        like a cancelled ``send_all``.
         """
         fd = _file_descriptor(file)
         offset = operator.index(offset)
