@@ -11,11 +11,22 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Generator
 
 import pytest
+from hypothesis import settings
 
 from .helpers import GUEST_KERNEL, kernel_probe
+
+# The kernel guests see the repository read-only, and emulation is ~10x slower: keep
+# hypothesis's files out of the repository (its plugin looks there before any test runs)
+# and its example database in memory, and let examples take as long as they take.
+os.environ.setdefault(
+    "HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "trio_ktls-hypothesis")
+)
+settings.register_profile("trio_ktls", database=None, deadline=None)
+settings.load_profile("trio_ktls")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -101,9 +101,25 @@ def test_kernel_line_capabilities() -> None:
         return
     line = GUEST_KERNEL
     assert result.kernel_release.startswith(f"{line}."), (line, result.kernel_release)
+    assert _probe.zero_copy_send_file_works() is KERNEL_LINES[line].zero_copy_send_file
     expect = KERNEL_LINES[line].tls13_rekey
     assert result.tls13_tx_rekey is expect, result.rekey_error
     assert result.tls13_rx_rekey is expect, result.rekey_error
     if expect:
         assert result.tls_stat["TlsTxRekeyOk"] >= 1
         assert result.tls_stat["TlsRxRekeyOk"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("release", "works"),
+    [
+        ("6.1.0-57-amd64", False),
+        ("6.12.117+deb13-amd64", True),
+        ("6.18.15+deb13-amd64", True),
+        ("7.2.13+deb14-amd64", True),
+        ("5.15.0-generic", False),
+        ("garbage", False),
+    ],
+)
+def test_zero_copy_send_file_by_kernel_line(release: str, works: bool) -> None:
+    assert _probe.zero_copy_send_file_works(release) is works

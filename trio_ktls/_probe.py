@@ -159,6 +159,28 @@ async def kernel_can_rekey_tls13() -> bool:
     return _rekey_answer
 
 
+#: The first kernel line on which ``send_file`` uses ``sendfile(2)`` (see
+#: `zero_copy_send_file_works`).
+ZERO_COPY_SEND_FILE_SINCE: Final = (6, 12)
+
+
+@functools.cache
+def zero_copy_send_file_works(release: str | None = None) -> bool:
+    """Whether ``send_file`` may use ``sendfile(2)`` on this kernel line.
+
+    Decided by the kernel line the matrix has checked, not assumed: on 6.1 a stream's
+    ``sendfile(2)`` into its non-blocking kTLS socket stalls (both ends waiting, no
+    thread busy; reproduced in the 6.1 guest, TLS 1.2), although a bare loop on raw kTLS
+    sockets does not (``tests/test_kernel.py``); 6.12 and later move the same files.
+    """
+    numbers = (release or os.uname().release).split("-")[0].split(".")
+    try:
+        line = (int(numbers[0]), int(numbers[1]))
+    except (IndexError, ValueError):
+        return False
+    return line >= ZERO_COPY_SEND_FILE_SINCE
+
+
 def read_tls_stat() -> dict[str, int]:
     """The kernel's kTLS counters (``TlsTxSw``, ``TlsRxRekeyOk``, ...), empty without kTLS."""
     try:

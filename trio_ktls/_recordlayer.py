@@ -26,6 +26,7 @@ from typing import Final, Protocol
 import trio
 
 from ._keys import TrafficKeys
+from ._probe import zero_copy_send_file_works
 from ._reader import KernelReader
 from ._state import StreamStatus
 from ._writer import CHUNK, KernelWriter
@@ -40,6 +41,8 @@ class RecordLayer(Protocol):
 
     #: Whether the kernel does the record layer.
     offloaded: bool
+    #: Whether ``send_file`` uses ``sendfile(2)``.
+    zero_copy_send_file: bool
 
     @property
     def key_updates_sent(self) -> int: ...
@@ -105,6 +108,7 @@ class KernelRecordLayer:
         self._reader = reader
         self._status = status
         status.on_change = reader.wake
+        self.zero_copy_send_file = zero_copy_send_file_works()
 
     @property
     def key_updates_sent(self) -> int:
@@ -131,7 +135,10 @@ class KernelRecordLayer:
         async with self._writer.lock:
             self._status.check()
             with _broken_on_os_error("sending a file"):
-                await self._writer.send_file(fd, offset, count)
+                if self.zero_copy_send_file:
+                    await self._writer.send_file(fd, offset, count)
+                else:
+                    await send_file_in_chunks(fd, offset, count, self._writer.send_data)
 
     async def receive(self, max_bytes: int) -> bytes:
         return await self._reader.receive(max_bytes)

@@ -204,7 +204,7 @@ class KTLSStream(trio.abc.HalfCloseableStream):
             reason=info.reason,
             key_updates_sent=layer.key_updates_sent,
             key_updates_received=layer.key_updates_received,
-            zero_copy_send_file=layer.offloaded,
+            zero_copy_send_file=layer.zero_copy_send_file,
         )
 
     @property

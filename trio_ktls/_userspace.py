@@ -56,6 +56,7 @@ class UserSpaceRecordLayer:
     """TLS records made and read by OpenSSL (see the module doc)."""
 
     offloaded = False
+    zero_copy_send_file = False
     key_updates_sent = 0
     key_updates_received = 0
     tickets_received = 0
