@@ -18,6 +18,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -48,12 +49,19 @@ WARNING, FATAL = 1, 2
 
 
 async def _connect(
-    nursery: trio.Nursery, version: str, mode: KTLSMode
+    nursery: trio.Nursery, version: str, mode: KTLSMode, *, https_compatible: bool = False
 ) -> tuple[KTLSStream, HostilePeer]:
     ours, theirs = await tcp_pair()
     context = client_context(version)
     context.options |= ssl.OP_NO_RENEGOTIATION  # decline a HelloRequest in user space too
-    client = KTLSStream(ours, context, nursery=nursery, server_hostname=HOSTNAME, ktls=mode)
+    client = KTLSStream(
+        ours,
+        context,
+        nursery=nursery,
+        server_hostname=HOSTNAME,
+        https_compatible=https_compatible,
+        ktls=mode,
+    )
     peer = HostilePeer(theirs, server_context(version))
     async with trio.open_nursery() as handshakes:
         handshakes.start_soon(client.do_handshake)
@@ -225,19 +233,7 @@ async def test_fin_without_close_notify(
 ) -> None:
     """Like trio.SSLStream: data first, then an error (or, https_compatible, EOF)."""
     async with trio.open_nursery() as nursery:
-        ours, theirs = await tcp_pair()
-        client = KTLSStream(
-            ours,
-            client_context(version),
-            nursery=nursery,
-            server_hostname=HOSTNAME,
-            https_compatible=https_compatible,
-            ktls=mode,
-        )
-        peer = HostilePeer(theirs, server_context(version))
-        async with trio.open_nursery() as handshakes:
-            handshakes.start_soon(client.do_handshake)
-            handshakes.start_soon(peer.do_handshake)
+        client, peer = await _connect(nursery, version, mode, https_compatible=https_compatible)
         await peer.stream.send_all(peer.seal_data(BEFORE))
         await peer.stream.send_eof()
         with trio.fail_after(60):
@@ -252,6 +248,20 @@ async def test_fin_without_close_notify(
 
 
 # -- during the handshake, under serve_ktls_over_tcp ------------------------------------
+
+
+async def _serve(
+    nursery: trio.Nursery,
+    handler: Callable[[KTLSStream], Awaitable[None]],
+    context: ssl.SSLContext,
+    **options: Any,
+) -> int:
+    """serve_ktls_over_tcp on a free loopback port, in ``nursery``; the port."""
+    listeners = await nursery.start(
+        partial(trio_ktls.serve_ktls_over_tcp, handler, 0, context, host="127.0.0.1", **options)
+    )
+    port: int = listeners[0].transport_listener.socket.getsockname()[1]
+    return port
 
 
 def _client_hello() -> bytes:
@@ -294,18 +304,9 @@ async def test_bad_clients_during_the_handshake_do_not_disturb_good_ones(mode: K
         await stream.send_all(data)
 
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(
-            partial(
-                trio_ktls.serve_ktls_over_tcp,
-                echo_once,
-                0,
-                server_context("TLSv1.3"),
-                host="127.0.0.1",
-                ktls=mode,
-                handshake_timeout=10,
-            )
+        port = await _serve(
+            nursery, echo_once, server_context("TLSv1.3"), ktls=mode, handshake_timeout=10
         )
-        port = listeners[0].transport_listener.socket.getsockname()[1]
 
         async def bad_client(behave: Callable[[trio.SocketStream], Awaitable[None]]) -> None:
             stream = await trio.open_tcp_stream("127.0.0.1", port)
@@ -462,18 +463,9 @@ async def test_many_concurrent_clients(mode: KTLSMode) -> None:
             await stream.send_all(data)
 
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(
-            partial(
-                trio_ktls.serve_ktls_over_tcp,
-                echo,
-                0,
-                _any_version_server_context(),
-                host="127.0.0.1",
-                ktls=mode,
-                backlog=clients,
-            )
+        port = await _serve(
+            nursery, echo, _any_version_server_context(), ktls=mode, backlog=clients
         )
-        port = listeners[0].transport_listener.socket.getsockname()[1]
 
         async def client(index: int) -> None:
             payload = random.Random(index).randbytes(size)
