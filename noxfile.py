@@ -70,6 +70,9 @@ def _kernel_tests(session: nox.Session, python: Path, label: str) -> str:
         "run",
         label,
         f"--rwdir={REPORTS}",
+        # The whole kTLS suite in one emulated guest: well under this, but a hang must
+        # not outlive it by much.
+        "--timeout=1800",
         "--",
         str(python),
         "-m",
