@@ -364,7 +364,7 @@ async def test_cancellation_at_random_points(mode: KTLSMode, tmp_path: Path) -> 
     path.write_bytes(rng.randbytes(256 * 1024))
     before = _open_descriptors()
     outcomes: dict[str, int] = {}
-    rounds = 120 if GUEST_KERNEL is None else 60  # emulated guests are ~10x slower
+    rounds = 300 if GUEST_KERNEL is None else 100  # emulated guests are ~10x slower
     for _ in range(rounds):
         operation = rng.choice(
             ["do_handshake", "send_all", "send_file", "receive_some", "update_keys", "aclose"]
@@ -420,12 +420,13 @@ async def _cancel_one(
         payload = rng.randbytes(200_000)
         received = bytearray()
         cancelled = 0
-        async with trio.open_nursery() as io:
-            io.start_soon(server.send_all, payload)
-            while len(received) < len(payload):
-                with trio.move_on_after(rng.random() * 0.001) as scope:
-                    received += await client.receive_some(rng.randrange(1, 70_000))
-                cancelled += scope.cancelled_caught
+        with trio.fail_after(120):  # with data lost this would wait forever
+            async with trio.open_nursery() as io:
+                io.start_soon(server.send_all, payload)
+                while len(received) < len(payload):
+                    with trio.move_on_after(rng.random() * 0.001) as scope:
+                        received += await client.receive_some(rng.randrange(1, 70_000))
+                    cancelled += scope.cancelled_caught
         assert bytes(received) == payload
         return cancelled > 0
     if operation == "update_keys":
@@ -497,7 +498,7 @@ async def test_no_descriptor_or_key_log_growth_across_handshakes(mode: KTLSMode)
     descriptor count comes back, and the contexts' in-memory key logs end empty."""
     from trio_ktls._handoff import KeyLogTap
 
-    rounds = 600 if GUEST_KERNEL is None else 100  # emulated guests are ~10x slower
+    rounds = 2000 if GUEST_KERNEL is None else 100  # emulated guests are ~10x slower
     client_ctx, server_ctx = client_context("TLSv1.3"), server_context("TLSv1.3")
     failed = 0
     before = _open_descriptors()

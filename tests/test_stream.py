@@ -216,12 +216,17 @@ async def test_cancelled_receive_loses_nothing(mode: trio_ktls.KTLSMode) -> None
             for start in range(0, len(payload), 8192):
                 await server.send_all(payload[start : start + 8192])
 
-        async with trio.open_nursery() as io:
-            io.start_soon(send)
-            while len(received) < len(payload):
-                with trio.move_on_after(rng.random() * 0.001) as scope:
-                    received += await client.receive_some(rng.randrange(1, 32768))
-                cancelled += scope.cancelled_caught
+        # Bounded: with data lost, the loop would wait forever for bytes that never come.
+        with trio.fail_after(120):
+            async with trio.open_nursery() as io:
+                io.start_soon(send)
+                while len(received) < len(payload):
+                    # At once, within half a millisecond, or within two: cancellations
+                    # land before, during and after data is taken.
+                    deadline = rng.choice((0.0, 0.0005, 0.002)) * rng.random()
+                    with trio.move_on_after(deadline) as scope:
+                        received += await client.receive_some(rng.randrange(1, 32768))
+                    cancelled += scope.cancelled_caught
         assert bytes(received) == payload
         print(f"{cancelled} receive_some calls cancelled")
         await client.aclose()
