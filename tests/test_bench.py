@@ -1,7 +1,9 @@
-"""The benchmark harness must not rot: a tiny run of it, here and in the kernel matrix.
+"""The benchmark harness must not rot: a tiny run of it on the host.
 
-The figures of a tiny run mean nothing; these tests check that every contender that can
-run here runs, end to end, and that the report and its plot are made.
+The figures of a tiny run mean nothing; this checks that every contender that can run
+here runs, end to end, and that the report and its plot are made. The kTLS contenders
+run only under ``nox -s bench`` (a tiny run of them in the emulated guests took minutes
+and is left out of the matrix).
 """
 
 from __future__ import annotations
@@ -10,8 +12,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "tools" / "bench.py"
 
@@ -36,12 +36,3 @@ def test_tiny_run_in_user_space(tmp_path: Path) -> None:
     assert set(results) == {"bulk", "echo", "setup", "concurrent-setup", "memory", "file"}
     for table in results.values():
         assert {"trio_sslstream", "asyncio"} <= set(table)
-
-
-@pytest.mark.ktls
-def test_tiny_run_with_ktls(tmp_path: Path) -> None:
-    """The kTLS contenders: trio_ktls's send_file against raw sendfile and openssl."""
-    document = _run(tmp_path, "file")
-    results = document["results"]
-    assert isinstance(results, dict)
-    assert {"trio_ktls", "raw_ktls", "trio_sslstream"} <= set(results["file"])
