@@ -151,6 +151,7 @@ class ProcessOutput:
 #: The two ways every stream test runs: user space on any host, and offloaded in the
 #: kernel matrix (where both directions must really be in the kernel).
 MODES = [pytest.param("off", id="user-space"), pytest.param("require", marks=pytest.mark.ktls)]
+USER_SPACE = [pytest.param("off", id="user-space")]
 
 OPENSSL = shutil.which("openssl")
 needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="the openssl command is not installed")
