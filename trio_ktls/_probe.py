@@ -168,10 +168,12 @@ ZERO_COPY_SEND_FILE_SINCE: Final = (6, 12)
 def zero_copy_send_file_works(release: str | None = None) -> bool:
     """Whether ``send_file`` may use ``sendfile(2)`` on this kernel line.
 
-    Decided by the kernel line the matrix has checked, not assumed: on 6.1 a stream's
-    ``sendfile(2)`` into its non-blocking kTLS socket stalls (both ends waiting, no
-    thread busy; reproduced in the 6.1 guest, TLS 1.2), although a bare loop on raw kTLS
-    sockets does not (``tests/test_kernel.py``); 6.12 and later move the same files.
+    Decided by the kernel line the matrix has checked, not assumed: on 6.1
+    ``sendfile(2)`` into a non-blocking kTLS socket stalls once the socket has a
+    ``TCP_NOTSENT_LOWAT`` (trio's ``SocketStream`` sets 16 KiB): both ends wait, the
+    sender for a writability that never comes (``tests/test_kernel.py`` reproduces it,
+    and shows the same loop completing without the low-water mark); 6.12 and later move
+    the same files either way.
     """
     numbers = (release or os.uname().release).split("-")[0].split(".")
     try:
