@@ -159,28 +159,27 @@ async def kernel_can_rekey_tls13() -> bool:
     return _rekey_answer
 
 
-#: The first kernel line on which ``send_file`` uses ``sendfile(2)`` (see
+#: Kernel lines (major, minor) on which ``send_file`` uses ``sendfile(2)``: none yet (see
 #: `zero_copy_send_file_works`).
-ZERO_COPY_SEND_FILE_SINCE: Final = (6, 12)
+ZERO_COPY_SEND_FILE_LINES: Final[frozenset[tuple[int, int]]] = frozenset()
 
 
 @functools.cache
 def zero_copy_send_file_works(release: str | None = None) -> bool:
     """Whether ``send_file`` may use ``sendfile(2)`` on this kernel line.
 
-    Decided by the kernel line the matrix has checked, not assumed: on 6.1
-    ``sendfile(2)`` into a non-blocking kTLS socket stalls once the socket has a
-    ``TCP_NOTSENT_LOWAT`` (trio's ``SocketStream`` sets 16 KiB): both ends wait, the
-    sender for a writability that never comes (``tests/test_kernel.py`` reproduces it,
-    and shows the same loop completing without the low-water mark); 6.12 and later move
-    the same files either way.
+    Decided by kernel line once the matrix has shown it, never assumed; no line has yet:
+    on 6.1 ``sendfile(2)`` into a non-blocking kTLS socket stalls once the socket has a
+    ``TCP_NOTSENT_LOWAT`` (trio's ``SocketStream`` sets 16 KiB; ``tests/test_kernel.py``
+    reproduces it), and in the last 6.18 run the stream's 64 MiB zero-copy transfer
+    failed before its cause could be read. Until then every line uses the chunked path.
     """
     numbers = (release or os.uname().release).split("-")[0].split(".")
     try:
         line = (int(numbers[0]), int(numbers[1]))
     except (IndexError, ValueError):
         return False
-    return line >= ZERO_COPY_SEND_FILE_SINCE
+    return line in ZERO_COPY_SEND_FILE_LINES
 
 
 def read_tls_stat() -> dict[str, int]:
