@@ -172,7 +172,8 @@ def zero_copy_send_file_works(release: str | None = None) -> bool:
     on 6.1 ``sendfile(2)`` into a non-blocking kTLS socket stalls once the socket has a
     ``TCP_NOTSENT_LOWAT`` (trio's ``SocketStream`` sets 16 KiB; ``tests/test_kernel.py``
     reproduces it), and in the last 6.18 run the stream's 64 MiB zero-copy transfer
-    stalled too (TLS 1.2, no progress for 300 s) before its cause could be read. Until then every line uses the chunked path.
+    stalled too (TLS 1.2, no progress for 300 s) before its cause could be read.
+    Until then every line uses the chunked path.
     """
     numbers = (release or os.uname().release).split("-")[0].split(".")
     try:
