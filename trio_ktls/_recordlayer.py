@@ -32,7 +32,7 @@ from ._state import StreamStatus
 from ._writer import CHUNK, KernelWriter
 
 #: Bytes read from a file per chunk when ``send_file`` copies through user space.
-FILE_CHUNK: Final = CHUNK
+COPY_CHUNK: Final = CHUNK
 
 
 class RecordLayer(Protocol):
@@ -189,7 +189,7 @@ async def send_file_in_chunks(
     while remaining:
         try:
             chunk = await trio.to_thread.run_sync(
-                os.pread, fd, min(FILE_CHUNK, remaining), position
+                os.pread, fd, min(COPY_CHUNK, remaining), position
             )
         except OSError as exc:
             raise trio.BrokenResourceError(

@@ -44,7 +44,7 @@ CHUNK: Final = 256 * 1024
 #: Records one CHUNK can make at most.
 _CHUNK_RECORDS: Final = CHUNK // MAX_PLAINTEXT
 #: Bytes per ``sendfile(2)`` call: larger, since each call costs a worker-thread trip.
-FILE_CHUNK: Final = 1024 * 1024
+SENDFILE_CHUNK: Final = 1024 * 1024
 #: Records per chunk when no limit is near (any figure above CHUNK / MAX_PLAINTEXT).
 _UNLIMITED: Final = 1 << 40
 #: sendfile hands the TLS layer page-cache pages, and a record may end at a page
@@ -118,7 +118,7 @@ class KernelWriter:
         while count:
             await self.service_pending()
             room = await self._records_left()
-            size = min(FILE_CHUNK, count, max(room - 1, 1) * _PAGE)
+            size = min(SENDFILE_CHUNK, count, max(room - 1, 1) * _PAGE)
             try:
                 sent = await trio.to_thread.run_sync(os.sendfile, sock_fd, fd, offset, size)
             except BlockingIOError:
