@@ -51,6 +51,7 @@ The handoff, step by step
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import ssl
 import weakref
@@ -271,6 +272,12 @@ def wipe_secrets(secrets: dict[str, bytearray]) -> None:
     secrets.clear()
 
 
+#: Why `prepare` failed when the TCP connection was already gone (reset or closed by the
+#: peer between accept and the stream's construction): a broken connection, not a kernel
+#: without kTLS.
+CONNECTION_LOST: Final = "the TCP connection was lost before the TLS handshake began"
+
+
 def prepare(transport_stream: trio.abc.Stream, context: ssl.SSLContext) -> KeyLogTap | str:
     """Step 1: attach the TLS ULP and tap ``context``'s key log, or say why not."""
     if not isinstance(transport_stream, trio.SocketStream):
@@ -278,7 +285,8 @@ def prepare(transport_stream: trio.abc.Stream, context: ssl.SSLContext) -> KeyLo
     try:
         _kernel.attach_ulp(transport_stream.socket)
     except OSError as exc:
-        return ulp_error_reason(exc)
+        # A trio.SocketStream was connected once; ENOTCONN now means the peer reset it.
+        return CONNECTION_LOST if exc.errno == errno.ENOTCONN else ulp_error_reason(exc)
     return KeyLogTap.for_context(context)
 
 

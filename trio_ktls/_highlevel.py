@@ -17,6 +17,7 @@ from typing import Final, final
 
 import trio
 
+from ._errors import KTLSUnavailableError
 from ._options import DEFAULT_SERVER_HANDSHAKE_TIMEOUT, KTLSOptions, StreamOptions
 from ._stream import KTLSStream
 
@@ -186,7 +187,14 @@ async def serve_ktls_over_tcp(
         async def handle(stream: KTLSStream) -> None:
             try:
                 await stream.do_handshake()
-            except (trio.BrokenResourceError, trio.TooSlowError, OSError) as exc:
+            except (
+                trio.BrokenResourceError,
+                trio.TooSlowError,
+                KTLSUnavailableError,
+                OSError,
+            ) as exc:
+                # One client's failure (KTLSUnavailableError: a cipher the kernel lacks,
+                # with ktls="require") never stops the server.
                 peer = _peer_name(stream)
                 logger.warning("TLS handshake with %s failed: %s", peer, _describe(exc))
                 await trio.aclose_forcefully(stream)

@@ -51,7 +51,7 @@ else:
     from typing_extensions import Unpack
 
 from ._errors import ConfidentialityLimitError, KTLSUnavailableError
-from ._handoff import KeyLogTap, hand_off, prepare
+from ._handoff import CONNECTION_LOST, KeyLogTap, hand_off, prepare
 from ._handshake import Handshake
 from ._options import KTLSOptions, StreamOptions
 from ._recordlayer import RecordLayer
@@ -268,6 +268,8 @@ class KTLSStream(trio.abc.HalfCloseableStream):
         return self._status.broken_error()
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if self._offload_reason == CONNECTION_LOST:
+            raise trio.BrokenResourceError(CONNECTION_LOST)
         if self._options.ktls == "require" and self._tap is None:
             raise KTLSUnavailableError(self._offload_reason or "kTLS is unavailable")
         with trio.fail_after(self._options.handshake_timeout or float("inf")):
