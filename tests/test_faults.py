@@ -399,21 +399,26 @@ async def test_cancellation_at_random_points(mode: KTLSMode, tmp_path: Path) -> 
     outcomes: dict[str, int] = {}
     rounds = 300 if GUEST_KERNEL is None else 100  # emulated guests are ~10x slower
     for _ in range(rounds):
-        operation = rng.choice(
-            ["do_handshake", "send_all", "send_file", "receive_some", "update_keys", "aclose"]
-        )
-        deadline = rng.random() * 0.003
-        async with trio.open_nursery() as nursery:
-            client, server = await ktls_pair_maker(
-                nursery, rng.choice(VERSIONS), mode, handshake=operation != "do_handshake"
-            )()
-            cancelled = await _cancel_one(operation, deadline, client, server, path, rng)
-            key = f"{operation}:{'cancelled' if cancelled else 'finished'}"
-            outcomes[key] = outcomes.get(key, 0) + 1
-            await client.aclose()
-            await server.aclose()
+        key = await _random_round(mode, path, rng)
+        outcomes[key] = outcomes.get(key, 0) + 1
     assert _open_descriptors() == before
     print(f"{rounds} rounds: {dict(sorted(outcomes.items()))}")
+
+
+async def _random_round(mode: KTLSMode, path: Path, rng: random.Random) -> str:
+    """One operation on a fresh pair, cancelled at a random moment; what happened."""
+    operation = rng.choice(
+        ["do_handshake", "send_all", "send_file", "receive_some", "update_keys", "aclose"]
+    )
+    deadline = rng.random() * 0.003
+    async with trio.open_nursery() as nursery:
+        client, server = await ktls_pair_maker(
+            nursery, rng.choice(VERSIONS), mode, handshake=operation != "do_handshake"
+        )()
+        cancelled = await _cancel_one(operation, deadline, client, server, path, rng)
+        await client.aclose()
+        await server.aclose()
+    return f"{operation}:{'cancelled' if cancelled else 'finished'}"
 
 
 async def _cancel_one(
