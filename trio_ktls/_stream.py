@@ -339,8 +339,9 @@ class KTLSStream(trio.abc.HalfCloseableStream):
         (``sendfile(2)``; ``ktls_info.zero_copy_send_file``); in user space the file is
         read in chunks in a worker thread. Either way it goes out under the same writer
         lock as ``send_all``, its records count toward the key's limit, and a file that
-        shrinks meanwhile breaks the stream. A cancelled ``send_file`` breaks the stream,
-        like a cancelled ``send_all``.
+        shrinks meanwhile breaks the stream. A ``send_file`` cancelled once sending has
+        begun breaks the stream, like a cancelled ``send_all``; cancelled earlier, while
+        the file is checked, it has sent nothing and the stream stays usable.
         """
         fd = _file_descriptor(file)
         offset = operator.index(offset)
