@@ -58,3 +58,16 @@ def _record_kernel(record_testsuite_property: Callable[[str, object], None]) -> 
     record_testsuite_property("kernel_release", os.uname().release)
     record_testsuite_property("guest_kernel_label", GUEST_KERNEL or "host")
     record_testsuite_property("ktls_available", kernel_probe().available)
+
+
+@pytest.fixture
+def record_figure(
+    request: pytest.FixtureRequest, record_testsuite_property: Callable[[str, object], None]
+) -> Callable[[str, object], None]:
+    """Record a figure of this test (a seed, a count) in the junit report, named
+    ``test-id:name``, so a matrix run's figures can be read back from its reports."""
+
+    def record(name: str, value: object) -> None:
+        record_testsuite_property(f"{request.node.name}:{name}", value)
+
+    return record

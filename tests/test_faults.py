@@ -122,7 +122,9 @@ def _flip_last_byte(record: bytes) -> bytes:
 @pytest.mark.parametrize("fault", list(FATAL_FAULTS))
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("mode", MODES)
-async def test_hostile_peer_after_the_handshake(fault: str, version: str, mode: KTLSMode) -> None:
+async def test_hostile_peer_after_the_handshake(
+    fault: str, version: str, mode: KTLSMode, record_figure: Callable[[str, object], None]
+) -> None:
     make_fault, words, alerts = FATAL_FAULTS[fault]
     async with trio.open_nursery() as nursery:
         client, peer = await _connect(nursery, version, mode)
@@ -146,6 +148,8 @@ async def test_hostile_peer_after_the_handshake(fault: str, version: str, mode: 
         await client.aclose()
         sent = await peer.alerts_until_eof()
         print(f"  alerts on the wire: {sent}")
+        record_figure("error", repr(failure.value))
+        record_figure("alerts", repr(sent))
         fatal = [description for level, description in sent if level == FATAL]
         if fatal:
             assert fatal == [fatal[0]] and fatal[0] in alerts, sent
@@ -385,7 +389,9 @@ def _open_descriptors() -> dict[str, str]:
 
 
 @pytest.mark.parametrize("mode", MODES)
-async def test_cancellation_at_random_points(mode: KTLSMode, tmp_path: Path) -> None:
+async def test_cancellation_at_random_points(
+    mode: KTLSMode, tmp_path: Path, record_figure: Callable[[str, object], None]
+) -> None:
     """Every operation cancelled at random moments, many times (seeded; the seed is
     printed): a cancelled receive loses nothing, a cancelled send or handshake leaves the
     stream broken with a clear error, update_keys leaves it usable, aclose still closes;
@@ -393,6 +399,7 @@ async def test_cancellation_at_random_points(mode: KTLSMode, tmp_path: Path) -> 
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     print(f"seed {seed}")
+    record_figure("seed", seed)
     path = tmp_path / "file"
     path.write_bytes(rng.randbytes(256 * 1024))
     before = _open_descriptors()
@@ -403,6 +410,7 @@ async def test_cancellation_at_random_points(mode: KTLSMode, tmp_path: Path) -> 
         outcomes[key] = outcomes.get(key, 0) + 1
     assert _open_descriptors() == before
     print(f"{rounds} rounds: {dict(sorted(outcomes.items()))}")
+    record_figure("outcomes", repr(dict(sorted(outcomes.items()))))
 
 
 async def _random_round(mode: KTLSMode, path: Path, rng: random.Random) -> str:
@@ -501,7 +509,9 @@ def _any_version_server_context() -> ssl.SSLContext:
 
 
 @pytest.mark.parametrize("mode", MODES)
-async def test_many_concurrent_clients(mode: KTLSMode) -> None:
+async def test_many_concurrent_clients(
+    mode: KTLSMode, record_figure: Callable[[str, object], None]
+) -> None:
     """200 clients at once, TLS 1.2 and 1.3 mixed, each echoing 256 KiB byte-exact
     through serve_ktls_over_tcp; afterwards every descriptor is closed again."""
     clients, size = 200, 256 * 1024
@@ -538,10 +548,13 @@ async def test_many_concurrent_clients(mode: KTLSMode) -> None:
         nursery.cancel_scope.cancel()
     assert _open_descriptors() == before
     print(f"{clients} clients echoed {clients * size} bytes each way")
+    record_figure("bytes_each_way", clients * size)
 
 
 @pytest.mark.parametrize("mode", MODES)
-async def test_no_descriptor_or_key_log_growth_across_handshakes(mode: KTLSMode) -> None:
+async def test_no_descriptor_or_key_log_growth_across_handshakes(
+    mode: KTLSMode, record_figure: Callable[[str, object], None]
+) -> None:
     """Many handshakes on two contexts, a third of them failing certificate checks: the
     descriptor count comes back, and the contexts' in-memory key logs end empty."""
     from trio_ktls._handoff import KeyLogTap
@@ -579,6 +592,8 @@ async def test_no_descriptor_or_key_log_growth_across_handshakes(mode: KTLSMode)
             assert os.fstat(tap._fd).st_size == 0
     assert _open_descriptors() == before
     print(f"{rounds} handshakes ({failed} failed): no descriptor or key-log growth")
+    record_figure("handshakes", rounds)
+    record_figure("failed", failed)
 
 
 async def _receive_until_failure(stream: KTLSStream) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import ssl
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -200,7 +201,9 @@ async def test_data_before_a_truncation_is_delivered_first(mode: trio_ktls.KTLSM
 
 
 @pytest.mark.parametrize("mode", MODES)
-async def test_cancelled_receive_loses_nothing(mode: trio_ktls.KTLSMode) -> None:
+async def test_cancelled_receive_loses_nothing(
+    mode: trio_ktls.KTLSMode, record_figure: Callable[[str, object], None]
+) -> None:
     """2 MiB arrive while receive_some calls are cancelled at random moments (a seeded
     generator; the seed is printed): what comes out is exactly what was sent."""
     seed = random.randrange(2**32)
@@ -229,5 +232,7 @@ async def test_cancelled_receive_loses_nothing(mode: trio_ktls.KTLSMode) -> None
                     cancelled += scope.cancelled_caught
         assert bytes(received) == payload
         print(f"{cancelled} receive_some calls cancelled")
+        record_figure("seed", seed)
+        record_figure("cancelled", cancelled)
         await client.aclose()
         await server.aclose()
