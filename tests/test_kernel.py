@@ -187,8 +187,10 @@ async def test_sendfile_into_a_nonblocking_ktls_socket(
     kTLS socket of a trio ``SocketStream``, a reader on the other end.
 
     With no TCP_NOTSENT_LOWAT it completes on every kernel line. With trio's 16 KiB
-    TCP_NOTSENT_LOWAT, on 6.1 it stalls (TLS 1.2 and 1.3): both ends wait, the sender for
-    a writability that never comes.
+    TCP_NOTSENT_LOWAT, on 6.1 it stalls (TLS 1.2 and 1.3): TCP holds one full record back
+    (the TLS layer pushed it with MSG_MORE), that is above the mark, and with nothing in
+    flight the sender waits for a writability that never comes (docs/design.md; later
+    lines crawl instead). The stream's own loop is tested in tests/test_sendfile.py.
     """
     stalls = lowat == "trio"
     size = 16 * MiB + 4321

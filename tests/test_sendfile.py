@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,8 @@ async def test_send_file_is_byte_exact(tmp_path: Path, version: str, mode: KTLSM
             else zero_copy_send_file_works()
         )
         assert server.ktls_info.zero_copy_send_file is expected
+        sock = server.transport_stream.socket
+        lowat = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
         with path.open("rb") as f, trio.fail_after(300):  # a stall is a failure
             async with trio.open_nursery() as io:
                 io.start_soon(server.send_file, f)
@@ -53,6 +56,8 @@ async def test_send_file_is_byte_exact(tmp_path: Path, version: str, mode: KTLSM
                 io.start_soon(lambda: server.send_file(f.fileno(), offset=1000, count=5000))
                 assert await receive_exactly(client, 5000) == content[1000:6000]
             assert f.tell() == 0  # the file position is not used
+        # The zero-copy path lifts trio's low-water mark only for its transfer.
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == lowat
         await server.aclose()
         assert await client.receive_some() == b""
         await client.aclose()

@@ -75,7 +75,7 @@ class KernelLine:
     #: Whether the kernel can replace TLS 1.3 keys (Linux 6.14+): the tests of this line
     #: expect exactly this, so a kernel that gains or loses it shows up as a failure.
     tls13_rekey: bool
-    #: Whether trio_ktls's send_file uses sendfile(2) there (not on any line yet).
+    #: Whether trio_ktls's send_file uses sendfile(2) there (zero-copy).
     zero_copy_send_file: bool
     # From 7.x on the image package is a meta package: the kernel and its modules are in
     # linux-binary-<version> and linux-modules-<version>.
@@ -89,25 +89,25 @@ KERNEL_LINES: dict[str, KernelLine] = {
         ("bookworm", "bookworm-security"),
         re.compile(r"linux-image-6\.1\.0-(\d+)-amd64-unsigned"),
         tls13_rekey=False,
-        zero_copy_send_file=False,
+        zero_copy_send_file=True,
     ),
     "6.12": KernelLine(
         ("trixie",),
         re.compile(r"linux-image-6\.12\.(\d+)\+deb13-amd64"),
         tls13_rekey=False,
-        zero_copy_send_file=False,
+        zero_copy_send_file=True,
     ),
     "6.18": KernelLine(
         ("trixie-backports",),
         re.compile(r"linux-image-6\.18\.(\d+)\+deb13-amd64"),
         tls13_rekey=True,
-        zero_copy_send_file=False,
+        zero_copy_send_file=True,
     ),
     "7": KernelLine(
         ("sid",),
         re.compile(r"linux-image-7\.(\d+)\.(\d+)\+deb14-amd64"),
         tls13_rekey=True,
-        zero_copy_send_file=False,
+        zero_copy_send_file=True,
         split_packages=True,
     ),
 }

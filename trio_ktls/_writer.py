@@ -47,6 +47,8 @@ _CHUNK_RECORDS: Final = CHUNK // MAX_PLAINTEXT
 SENDFILE_CHUNK: Final = 1024 * 1024
 #: Records per chunk when no limit is near (any figure above CHUNK / MAX_PLAINTEXT).
 _UNLIMITED: Final = 1 << 40
+#: ``TCP_NOTSENT_LOWAT`` for "no low-water mark" (UINT_MAX, the sysctl's default).
+_NO_LOWAT: Final = -1
 #: sendfile hands the TLS layer page-cache pages, and a record may end at a page
 #: boundary: the record budget counts a page as a record, which is an upper bound.
 _PAGE: Final = 4096
@@ -113,26 +115,50 @@ class KernelWriter:
         that is not in the page cache blocks, and the event loop must not. EAGAIN waits
         for writability on the event loop. Pending KeyUpdates go out between calls, as
         between ``send_data`` chunks.
+
+        Why the socket options change meanwhile (found in the 6.1-7.2 guests; see
+        docs/design.md): sendfile hands pages to the TLS layer as a splice with "more to
+        come", and the TLS layer pushes each full record to TCP with MSG_MORE, so TCP
+        holds it back while it is shorter than a segment (on loopback, 32 KiB). One held
+        record (16,413 bytes) is already above trio's ``TCP_NOTSENT_LOWAT`` of 16 KiB: the
+        next record gets EAGAIN, and with nothing in flight no ACK ever reports the socket
+        writable. On 6.1 that is a stall for good; later lines release the segment after
+        ~0.2 s, a record at a time. So the low-water mark is lifted for the transfer and
+        restored after it, and ``TCP_NODELAY`` is set again on EAGAIN and at the end,
+        which makes TCP push what it holds.
         """
         sock_fd = self._sock.fileno()
-        while count:
-            await self.service_pending()
-            room = await self._records_left()
-            size = min(SENDFILE_CHUNK, count, max(room - 1, 1) * _PAGE)
-            try:
-                sent = await trio.to_thread.run_sync(os.sendfile, sock_fd, fd, offset, size)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(self._sock)
-                continue
-            if not sent:
-                raise trio.BrokenResourceError(
-                    f"send_file stopped short: the file ended {count} bytes before the "
-                    "requested range did"
-                )
-            self._budget.charge(math.ceil(sent / _PAGE) + 1)
-            offset += sent
-            count -= sent
+        saved_lowat = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _NO_LOWAT)
+        try:
+            while count:
+                await self.service_pending()
+                room = await self._records_left()
+                size = min(SENDFILE_CHUNK, count, max(room - 1, 1) * _PAGE)
+                try:
+                    sent = await trio.to_thread.run_sync(os.sendfile, sock_fd, fd, offset, size)
+                except BlockingIOError:
+                    self._push()
+                    await trio.lowlevel.wait_writable(self._sock)
+                    continue
+                if not sent:
+                    raise trio.BrokenResourceError(
+                        f"send_file stopped short: the file ended {count} bytes before the "
+                        "requested range did"
+                    )
+                self._budget.charge(math.ceil(sent / _PAGE) + 1)
+                offset += sent
+                count -= sent
+        finally:
+            with contextlib.suppress(OSError):  # a broken socket is reported elsewhere
+                self._push()
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, saved_lowat)
         await self.service_pending()
+
+    def _push(self) -> None:
+        """Make TCP send what it holds back (setting ``TCP_NODELAY`` pushes pending
+        segments even when it is already on, tcp(7))."""
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     async def send_control(self, content_type: int, payload: bytes) -> None:
         """One control record. It may use the record the budget keeps in reserve."""
