@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import os
@@ -347,6 +348,10 @@ def _asyncio_main(
                         left -= len(data)
                 _report(wall=time.perf_counter() - start, cpu=_cpu() - cpu)
                 writer.close()
+                # Until the transport has flushed: uvloop's would drop what it still
+                # buffers when the loop ends.
+                with contextlib.suppress(ConnectionError, ssl.SSLError):
+                    await writer.wait_closed()
                 done.set()
                 return
             seen += 1
