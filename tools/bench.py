@@ -354,7 +354,6 @@ def _asyncio_main(
                     await writer.wait_closed()
                 done.set()
                 return
-            seen += 1
             if workload == "memory":
                 connections.append(writer)
             else:
@@ -362,6 +361,9 @@ def _asyncio_main(
                 writer.write(b"y")
                 await writer.drain()
                 writer.close()
+                with contextlib.suppress(ConnectionError, ssl.SSLError):
+                    await writer.wait_closed()
+            seen += 1  # counted when done: the last to arrive need not finish last
             if seen == count:
                 _report(rss_growth=_rss() - rss, connections=count)
                 done.set()
