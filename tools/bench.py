@@ -645,7 +645,14 @@ def available_contenders(ktls: bool) -> list[str]:
     return contenders
 
 
-def run(out: Path, *, tiny: bool, repetitions: int, workloads: Sequence[str]) -> Path:
+def run(
+    out: Path,
+    *,
+    tiny: bool,
+    repetitions: int,
+    workloads: Sequence[str],
+    contenders: Sequence[str] = CONTENDERS,
+) -> Path:
     import trio_ktls
 
     probe = trio_ktls.probe()
@@ -653,7 +660,7 @@ def run(out: Path, *, tiny: bool, repetitions: int, workloads: Sequence[str]) ->
     results: dict[str, Any] = {}
     for workload in workloads:
         for contender in available_contenders(probe.available):
-            if workload not in SUPPORTS[contender]:
+            if workload not in SUPPORTS[contender] or contender not in contenders:
                 continue
             runs = [measure_once(contender, workload, tiny) for _ in range(repetitions)]
             summary = summarize(workload, runs, sizes["bytes"])
@@ -798,6 +805,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_parser.add_argument("--tiny", action="store_true", help="tiny sizes: a smoke run")
     run_parser.add_argument("--repetitions", type=int, default=3)
     run_parser.add_argument("--workload", action="append", choices=WORKLOADS)
+    run_parser.add_argument(
+        "--contender", action="append", choices=CONTENDERS, help="only these (default: all)"
+    )
     report_parser = commands.add_parser("report", help="bench.md and plots from DIR's JSON")
     report_parser.add_argument("folder", type=Path)
     for role in ("serve", "client"):
@@ -813,6 +823,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tiny=args.tiny,
             repetitions=args.repetitions,
             workloads=args.workload or WORKLOADS,
+            contenders=args.contender or CONTENDERS,
         )
         print(f"wrote {path}")
         return 0

@@ -118,6 +118,7 @@ class KernelReader:
     async def receive(self, max_bytes: int) -> bytes:
         """Up to ``max_bytes`` of data; ``b""`` at end of stream; else the failure."""
         await trio.lowlevel.checkpoint_if_cancelled()
+        parked = False
         while not self._chunks:
             self._status.check_not_closed()
             if self._status.failure is not None:
@@ -128,6 +129,7 @@ class KernelReader:
             if not self._running:
                 raise trio.BrokenResourceError("the stream's reader task is no longer running")
             await self._data_waiters.park()
+            parked = True
         data = self._chunks[0]
         if len(data) <= max_bytes:
             self._chunks.popleft()
@@ -135,7 +137,8 @@ class KernelReader:
             data, self._chunks[0] = data[:max_bytes], data[max_bytes:]
         self._buffered -= len(data)
         self._room_waiters.unpark_all()
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        if not parked:  # parking was this call's scheduling point; else it needs one
+            await trio.lowlevel.cancel_shielded_checkpoint()
         return data
 
     def wake(self) -> None:
