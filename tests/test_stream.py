@@ -236,3 +236,67 @@ async def test_cancelled_receive_loses_nothing(
         record_figure("cancelled", cancelled)
         await client.aclose()
         await server.aclose()
+
+
+# -- https_compatible: neither expects nor sends close_notify (trio.SSLStream's rule) ---
+
+
+@pytest.mark.parametrize("https_compatible", [False, True])
+@pytest.mark.parametrize("mode", MODES)
+async def test_aclose_sends_close_notify_unless_https_compatible(
+    mode: trio_ktls.KTLSMode, https_compatible: bool
+) -> None:
+    """The server expects close_notify: it reads a clean end after a plain client's
+    aclose, and a truncation after an https_compatible client's (nothing was sent)."""
+    async with trio.open_nursery() as nursery:
+        make = ktls_pair_maker(
+            nursery, "TLSv1.3", mode, client_options={"https_compatible": https_compatible}
+        )
+        client, server = await make()
+        # The client reads what the server sent (its tickets too): a close with unread
+        # data would be a TCP reset rather than the FIN this test is about.
+        await server.send_all(b"x")
+        assert await client.receive_some() == b"x"
+        await client.aclose()
+        if https_compatible:
+            with pytest.raises(trio.BrokenResourceError, match="without sending close_notify"):
+                await server.receive_some()
+        else:
+            assert await server.receive_some() == b""
+        await server.aclose()
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_https_compatible_send_eof_is_a_bare_fin(mode: trio_ktls.KTLSMode) -> None:
+    """send_eof with https_compatible shuts the write side without close_notify: an
+    https_compatible peer reads the end, a strict one a truncation; until then the other
+    direction keeps working."""
+    async with trio.open_nursery() as nursery:
+        for peer_https in (True, False):
+            make = ktls_pair_maker(
+                nursery,
+                "TLSv1.3",
+                mode,
+                client_options={"https_compatible": True},
+                server_options={"https_compatible": peer_https},
+            )
+            client, server = await make()
+            await server.send_all(b"x")  # the client reads the tickets (no reset on close)
+            assert await client.receive_some() == b"x"
+            await client.send_all(b"request")
+            await client.send_eof()
+            with pytest.raises(trio.ClosedResourceError):
+                await client.send_all(b"more")
+            assert await server.receive_some() == b"request"
+            # The other direction still works. (Only until the server reads the bare FIN:
+            # after that OpenSSL refuses to write, as for trio.SSLStream, whose stream
+            # breaks there; so the reply goes first.)
+            await server.send_all(b"response")
+            assert await client.receive_some() == b"response"
+            if peer_https:
+                assert await server.receive_some() == b""
+            else:
+                with pytest.raises(trio.BrokenResourceError, match="without sending close_notify"):
+                    await server.receive_some()
+            await client.aclose()
+            await server.aclose()

@@ -394,7 +394,9 @@ def _kernel_record_layer(
         max_buffer=options.max_receive_buffer,
         ticket_relay=relay,
     )
-    return KernelRecordLayer(transport, keys, writer, reader, status)
+    return KernelRecordLayer(
+        transport, keys, writer, reader, status, https_compatible=https_compatible
+    )
 
 
 # RFC 8446 §5.5: AES-GCM keys must be rotated before 2**24.5 full-size records. The AEAD

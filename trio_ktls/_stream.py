@@ -413,7 +413,21 @@ class KTLSStream(trio.abc.HalfCloseableStream):
             await layer.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
-        """Send close_notify and shut down the write side; receiving goes on."""
+        """Send close_notify and shut down the write side; receiving goes on.
+
+        With ``https_compatible`` no close_notify is sent (such a stream neither expects
+        nor sends one, as in `trio.SSLStream`): only the transport's write side is shut
+        down (a TCP FIN), which an HTTPS-style peer reads as the end. A transport that
+        cannot half-close then has no way to say it: `TypeError`, before anything is
+        sent (`trio.SSLStream` has no ``send_eof`` at all).
+        """
+        if self._https_compatible and not isinstance(
+            self.transport_stream, trio.abc.HalfCloseableStream
+        ):
+            raise TypeError(
+                "send_eof with https_compatible=True sends no close_notify, so it needs a "
+                "transport that can half-close (a trio.abc.HalfCloseableStream)"
+            )
         with self._send_conflict:
             layer = self._layer or await self._ensure_handshake()
             self._status.check()
@@ -441,8 +455,9 @@ class KTLSStream(trio.abc.HalfCloseableStream):
     # -- closing ----------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Close the stream: close_notify if it is healthy and no write is under way,
-        then the transport. Idempotent; never raises for a broken stream."""
+        """Close the stream: close_notify if it is healthy and no write is under way
+        (never with ``https_compatible``, as in `trio.SSLStream`), then the transport.
+        Idempotent; never raises for a broken stream."""
         if self._status.state is State.CLOSED:
             await trio.lowlevel.checkpoint()
             return
