@@ -300,3 +300,86 @@ async def test_https_compatible_send_eof_is_a_bare_fin(mode: trio_ktls.KTLSMode)
                     await server.receive_some()
             await client.aclose()
             await server.aclose()
+
+
+# -- attribute forwarding, as trio.SSLStream does it ------------------------------------
+
+# trio.SSLStream's own lists: parity is checked against trio, not against a copy.
+TRIO_FORWARDED = sorted(trio.SSLStream._forwarded)
+TRIO_AFTER_HANDSHAKE = sorted(trio.SSLStream._after_handshake)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_forwarded_attributes_need_the_handshake_where_trios_do(
+    mode: trio_ktls.KTLSMode,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        client, server = await ktls_pair_maker(nursery, "TLSv1.3", mode, handshake=False)()
+        listed = dir(client)
+        for name in TRIO_FORWARDED:
+            assert name in listed, name
+        for name in TRIO_AFTER_HANDSHAKE:
+            with pytest.raises(trio.NeedHandshakeError, match=name):
+                getattr(client, name)
+        # The rest are there before the handshake.
+        assert client.context is not None
+        assert client.server_side is False and server.server_side is True
+        assert client.server_hostname == HOSTNAME
+        assert client.session is None
+        assert client.pending() == 0
+        async with trio.open_nursery() as hs:
+            hs.start_soon(client.do_handshake)
+            hs.start_soon(server.do_handshake)
+        assert client.version() == "TLSv1.3"
+        assert client.cipher()[0] == server.cipher()[0]
+        assert client.session_reused is False
+        assert client.getpeercert()["subject"]
+        assert client.selected_alpn_protocol() is None
+        with pytest.raises(AttributeError, match="no_such_thing"):
+            client.no_such_thing  # noqa: B018
+        await client.aclose()
+        await server.aclose()
+
+
+async def test_failed_handshake_leaves_forwarded_attributes_needing_one() -> None:
+    """As in trio, a handshake that failed is not done."""
+    async with trio.open_nursery() as nursery:
+        client_tcp, server_tcp = await tcp_pair()
+        client = KTLSStream(
+            client_tcp, client_context("TLSv1.3"), nursery=nursery, server_hostname="no.example"
+        )
+        server = KTLSStream(
+            server_tcp, server_context("TLSv1.3"), nursery=nursery, server_side=True
+        )
+        async with trio.open_nursery() as hs:
+            hs.start_soon(_expect_broken, server)
+            hs.start_soon(_expect_broken, client)
+        with pytest.raises(trio.NeedHandshakeError):
+            client.version()
+        await client.aclose()
+        await server.aclose()
+
+
+async def _expect_broken(stream: KTLSStream) -> None:
+    with pytest.raises(trio.BrokenResourceError):
+        await stream.do_handshake()
+
+
+async def test_assigning_a_forwarded_attribute_reaches_the_ssl_object() -> None:
+    async with trio.open_nursery() as nursery:
+        client_tcp, server_tcp = await tcp_pair()
+        client = KTLSStream(
+            client_tcp, client_context("TLSv1.3"), nursery=nursery, server_hostname=HOSTNAME
+        )
+        # A read-only SSLObject attribute stays read-only, as on trio.SSLStream.
+        with pytest.raises(AttributeError):
+            client.server_side = True
+        assert "server_side" not in vars(client)
+        # The SSLObject's own checks apply (trio's too): a session must be an SSLSession.
+        with pytest.raises(TypeError, match="SSLSession"):
+            client.session = "not a session"  # type: ignore[assignment]
+        # Ordinary attributes are still the stream's own.
+        client.my_note = "mine"
+        assert vars(client)["my_note"] == "mine"
+        await client.aclose()
+        await server_tcp.aclose()

@@ -60,7 +60,8 @@ from ._userspace import UserSpaceRecordLayer
 
 _DEFAULT_RECEIVE_SIZE: Final = 64 * 1024
 
-# Attributes of the SSLObject that the stream exposes, as trio.SSLStream does.
+# Attributes of the SSLObject that the stream exposes, as trio.SSLStream does: read,
+# assigned (``stream.session = saved`` reaches the SSLObject) and listed by ``dir()``.
 _FORWARDED: Final = frozenset(
     {
         "context",
@@ -74,6 +75,22 @@ _FORWARDED: Final = frozenset(
         "shared_ciphers",
         "compression",
         "pending",
+        "get_channel_binding",
+        "selected_alpn_protocol",
+        "version",
+    }
+)
+
+# Those that mean nothing before the handshake: reading one then raises
+# trio.NeedHandshakeError (trio.SSLStream's ``_after_handshake``, name for name).
+_AFTER_HANDSHAKE: Final = frozenset(
+    {
+        "session_reused",
+        "getpeercert",
+        "selected_npn_protocol",
+        "cipher",
+        "shared_ciphers",
+        "compression",
         "get_channel_binding",
         "selected_alpn_protocol",
         "version",
@@ -133,8 +150,25 @@ class KTLSStream(trio.abc.HalfCloseableStream):
     documented on `StreamOptions`; a bad value raises before anything else happens.
 
     Attributes of the ``SSLObject`` (``version()``, ``cipher()``, ``getpeercert()``,
-    ``session``, ``selected_alpn_protocol()``...) are forwarded, as by `trio.SSLStream`.
+    ``session``, ``selected_alpn_protocol()``...) are forwarded as by `trio.SSLStream`:
+    those that describe the connection raise `trio.NeedHandshakeError` until the
+    handshake is done; assigning one (``stream.session = saved`` before the handshake,
+    trio's idiom for resumption) sets it on the ``SSLObject``; ``dir()`` lists them.
     """
+
+    # Forwarded attributes, typed (methods such as ``cipher()`` come through
+    # ``__getattr__`` and are typed as ``Any``, as on trio.SSLStream).
+    #: The ``ssl.SSLContext`` (forwarded).
+    context: ssl.SSLContext
+    #: Whether this is the server end (forwarded).
+    server_side: bool
+    #: The name the certificate is checked against, or None (forwarded).
+    server_hostname: str | None
+    #: The TLS session, to resume a later connection; assign it before the handshake
+    #: (forwarded).
+    session: ssl.SSLSession | None
+    #: Whether the handshake resumed a session (forwarded; after the handshake).
+    session_reused: bool
 
     def __init__(
         self,
@@ -187,8 +221,21 @@ class KTLSStream(trio.abc.HalfCloseableStream):
 
     def __getattr__(self, name: str) -> Any:
         if name in _FORWARDED:
+            # ``_layer`` is set once the handshake (and the handoff) succeeded: the
+            # counterpart of trio's ``_handshook.done``.
+            if name in _AFTER_HANDSHAKE and self._layer is None:
+                raise trio.NeedHandshakeError(f"call do_handshake() before calling {name!r}")
             return getattr(self._handshake.ssl_object, name)
-        raise AttributeError(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _FORWARDED:
+            setattr(self._handshake.ssl_object, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def __dir__(self) -> list[str]:
+        return [*super().__dir__(), *_FORWARDED]
 
     @property
     def ktls_info(self) -> KTLSInfo | None:
