@@ -170,11 +170,13 @@ async def test_failed_verification_is_a_clear_ssl_error(mode: trio_ktls.KTLSMode
         await server.aclose()
 
 
-async def test_wrong_transport_type_is_refused() -> None:
+async def test_wrong_argument_types_are_refused() -> None:
     left, _ = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
-        with pytest.raises(TypeError, match="SocketStream"):
-            KTLSStream(left, client_context("TLSv1.3"), nursery=nursery)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"trio\.abc\.Stream"):
+            KTLSStream(object(), client_context("TLSv1.3"), nursery=nursery)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="SSLContext"):
+            KTLSStream(left, object(), nursery=nursery)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("mode", MODES)

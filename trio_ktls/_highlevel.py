@@ -31,7 +31,7 @@ logger: Final = logging.getLogger("trio_ktls")
 
 @asynccontextmanager
 async def wrap_stream(
-    transport_stream: trio.SocketStream,
+    transport_stream: trio.abc.Stream,
     ssl_context: ssl.SSLContext,
     *,
     server_side: bool = False,
@@ -208,8 +208,11 @@ async def serve_ktls_over_tcp(
 
 
 def _peer_name(stream: KTLSStream) -> str:
+    transport = stream.transport_stream
+    if not isinstance(transport, trio.SocketStream):
+        return repr(transport)
     try:
-        return str(stream.transport_stream.socket.getpeername())
+        return str(transport.socket.getpeername())
     except OSError:
         return "a disconnected peer"
 

@@ -140,7 +140,12 @@ class _ConflictDetector:
 
 @final
 class KTLSStream(trio.abc.HalfCloseableStream):
-    """A TLS stream over a TCP `trio.SocketStream`, with the record layer in the kernel.
+    """A TLS stream whose record layer runs in the kernel, over a TCP `trio.SocketStream`.
+
+    Over any other `trio.abc.Stream` (a memory stream, another TLS stream: whatever
+    `trio.SSLStream` accepts) the kernel cannot help: with ``ktls="auto"`` the stream
+    runs in user space and ``ktls_info.reason`` says why; ``ktls="require"`` raises
+    `KTLSUnavailableError` from the handshake.
 
     ``ssl_context``, ``server_side``, ``server_hostname``, ``https_compatible`` and
     ``session`` mean what they mean for `trio.SSLStream` and ``SSLContext.wrap_bio``.
@@ -172,7 +177,7 @@ class KTLSStream(trio.abc.HalfCloseableStream):
 
     def __init__(
         self,
-        transport_stream: trio.SocketStream,
+        transport_stream: trio.abc.Stream,
         ssl_context: ssl.SSLContext,
         *,
         nursery: trio.Nursery,
@@ -183,10 +188,15 @@ class KTLSStream(trio.abc.HalfCloseableStream):
         **options: Unpack[KTLSOptions],
     ) -> None:
         self._options: Final = StreamOptions(**options)
-        if not isinstance(transport_stream, trio.SocketStream):
-            raise TypeError("KTLSStream needs a trio.SocketStream: kTLS lives on a TCP socket")
-        #: The TCP stream underneath.
-        self.transport_stream: Final = transport_stream
+        if not isinstance(transport_stream, trio.abc.Stream):
+            raise TypeError(
+                f"transport_stream must be a trio.abc.Stream, not {transport_stream!r}"
+            )
+        if not isinstance(ssl_context, ssl.SSLContext):
+            raise TypeError(f"ssl_context must be an ssl.SSLContext, not {ssl_context!r}")
+        #: The stream underneath: a `trio.SocketStream` for kTLS; any other stream (a
+        #: memory stream, another TLS stream) works in user space.
+        self.transport_stream: Final[trio.abc.Stream] = transport_stream
         self._nursery = nursery
         self._https_compatible = https_compatible
         self._handshake = Handshake(
