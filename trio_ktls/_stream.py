@@ -34,6 +34,7 @@ Cancellation follows ``trio.SSLStream``: a cancelled ``do_handshake``, ``send_al
 
 from __future__ import annotations
 
+import logging
 import operator
 import os
 import ssl
@@ -59,6 +60,8 @@ from ._state import State, StreamStatus
 from ._userspace import UserSpaceRecordLayer
 
 _DEFAULT_RECEIVE_SIZE: Final = 64 * 1024
+
+logger: Final = logging.getLogger("trio_ktls")
 
 # Attributes of the SSLObject that the stream exposes, as trio.SSLStream does: read,
 # assigned (``stream.session = saved`` reaches the SSLObject) and listed by ``dir()``.
@@ -197,6 +200,9 @@ class KTLSStream(trio.abc.HalfCloseableStream):
         #: The stream underneath: a `trio.SocketStream` for kTLS; any other stream (a
         #: memory stream, another TLS stream) works in user space.
         self.transport_stream: Final[trio.abc.Stream] = transport_stream
+        # Taken now (at accept time, for a listener's stream), while the peer is surely
+        # still connected: log lines about this connection name it.
+        self._peer = _peer_address(transport_stream)
         self._nursery = nursery
         self._https_compatible = https_compatible
         self._handshake = Handshake(
@@ -351,6 +357,15 @@ class KTLSStream(trio.abc.HalfCloseableStream):
             cipher=cipher[0] if cipher else "unknown",
             reason=None if layer.offloaded else self._offload_reason,
         )
+        if layer.offloaded:
+            logger.debug("%s: %s %s offloaded to the kernel", self._peer, *_names(self._info))
+        else:
+            logger.debug(
+                "%s: %s %s stays in user space: %s",
+                self._peer,
+                *_names(self._info),
+                self._info.reason,
+            )
         self._layer = layer
         task_status.started()
         await layer.run()
@@ -532,6 +547,20 @@ class KTLSStream(trio.abc.HalfCloseableStream):
             await trio.aclose_forcefully(self.transport_stream)
             raise
         await self.transport_stream.aclose()
+
+
+def _names(info: KTLSInfo) -> tuple[str, str]:
+    return info.version, info.cipher
+
+
+def _peer_address(transport: trio.abc.Stream) -> str:
+    """The peer, for log lines: its address for a socket, the transport otherwise."""
+    if not isinstance(transport, trio.SocketStream):
+        return f"a peer over {type(transport).__name__}"
+    try:
+        return str(transport.socket.getpeername())
+    except OSError:
+        return "a peer that had already disconnected"
 
 
 def _file_descriptor(file: int | BinaryIO) -> int:
