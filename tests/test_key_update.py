@@ -187,7 +187,9 @@ async def test_automatic_rekey_at_lowered_threshold(version: str, trigger: str) 
             client_options={"rekey_after_records": threshold} if own_limit else {},
             server_options={} if own_limit else {"request_peer_rekey_after_records": 150},
         )()
-        sock = client.transport_stream.socket
+        transport = client.transport_stream
+        assert isinstance(transport, trio.SocketStream)
+        sock = transport.socket
         suite = lookup_suite(client.cipher()[0], tls_version_from_name(version))
         assert suite is not None
         cipher = _kernel.KERNEL_CIPHER_FOR_AEAD[suite.aead]

@@ -148,3 +148,39 @@ async def test_openssl_s_client_resumes_with_our_server(
             assert expected in output.data, output.data.decode(errors="replace")
         nursery.cancel_scope.cancel()
     assert reused == [False, True]
+
+
+@pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])
+@pytest.mark.parametrize("mode", MODES)
+async def test_resume_by_assigning_session_like_trio(version: str, mode: KTLSMode) -> None:
+    """trio's idiom: ``stream.session = saved`` before the handshake reaches the
+    SSLObject, so the second connection resumes (it used to land in the stream's own
+    ``__dict__`` and resume nothing)."""
+    server_ctx = server_context(version)
+    client_ctx = client_context(version)
+
+    async def handler(stream: KTLSStream) -> None:
+        await stream.send_all(b"hi")
+        await stream.receive_some()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            partial(trio_ktls.serve_ktls_over_tcp, handler, 0, server_ctx, ktls=mode)
+        )
+        port = listeners[0].transport_listener.socket.getsockname()[1]
+        saved = None
+        for attempt in range(2):
+            tcp = await trio.open_tcp_stream("127.0.0.1", port)
+            client = KTLSStream(
+                tcp, client_ctx, nursery=nursery, server_hostname=HOSTNAME, ktls=mode
+            )
+            if saved is not None:
+                client.session = saved
+                assert "session" not in vars(client)
+            assert await client.receive_some() == b"hi"  # the handshake runs on first use
+            assert_mode(client, mode)
+            assert client.session_reused is (attempt == 1)
+            _assert_ticket_arrived(client)
+            saved = client.session
+            await client.aclose()
+        nursery.cancel_scope.cancel()

@@ -45,7 +45,9 @@ async def test_send_file_is_byte_exact(tmp_path: Path, version: str, mode: KTLSM
             else zero_copy_send_file_works()
         )
         assert server.ktls_info.zero_copy_send_file is expected
-        sock = server.transport_stream.socket
+        transport = server.transport_stream
+        assert isinstance(transport, trio.SocketStream)
+        sock = transport.socket
         lowat = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
         with path.open("rb") as f, trio.fail_after(300):  # a stall is a failure
             async with trio.open_nursery() as io:

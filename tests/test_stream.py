@@ -170,11 +170,13 @@ async def test_failed_verification_is_a_clear_ssl_error(mode: trio_ktls.KTLSMode
         await server.aclose()
 
 
-async def test_wrong_transport_type_is_refused() -> None:
+async def test_wrong_argument_types_are_refused() -> None:
     left, _ = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
-        with pytest.raises(TypeError, match="SocketStream"):
-            KTLSStream(left, client_context("TLSv1.3"), nursery=nursery)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"trio\.abc\.Stream"):
+            KTLSStream(object(), client_context("TLSv1.3"), nursery=nursery)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="SSLContext"):
+            KTLSStream(left, object(), nursery=nursery)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -236,3 +238,150 @@ async def test_cancelled_receive_loses_nothing(
         record_figure("cancelled", cancelled)
         await client.aclose()
         await server.aclose()
+
+
+# -- https_compatible: neither expects nor sends close_notify (trio.SSLStream's rule) ---
+
+
+@pytest.mark.parametrize("https_compatible", [False, True])
+@pytest.mark.parametrize("mode", MODES)
+async def test_aclose_sends_close_notify_unless_https_compatible(
+    mode: trio_ktls.KTLSMode, https_compatible: bool
+) -> None:
+    """The server expects close_notify: it reads a clean end after a plain client's
+    aclose, and a truncation after an https_compatible client's (nothing was sent)."""
+    async with trio.open_nursery() as nursery:
+        make = ktls_pair_maker(
+            nursery, "TLSv1.3", mode, client_options={"https_compatible": https_compatible}
+        )
+        client, server = await make()
+        # The client reads what the server sent (its tickets too): a close with unread
+        # data would be a TCP reset rather than the FIN this test is about.
+        await server.send_all(b"x")
+        assert await client.receive_some() == b"x"
+        await client.aclose()
+        if https_compatible:
+            with pytest.raises(trio.BrokenResourceError, match="without sending close_notify"):
+                await server.receive_some()
+        else:
+            assert await server.receive_some() == b""
+        await server.aclose()
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_https_compatible_send_eof_is_a_bare_fin(mode: trio_ktls.KTLSMode) -> None:
+    """send_eof with https_compatible shuts the write side without close_notify: an
+    https_compatible peer reads the end, a strict one a truncation; until then the other
+    direction keeps working."""
+    async with trio.open_nursery() as nursery:
+        for peer_https in (True, False):
+            make = ktls_pair_maker(
+                nursery,
+                "TLSv1.3",
+                mode,
+                client_options={"https_compatible": True},
+                server_options={"https_compatible": peer_https},
+            )
+            client, server = await make()
+            await server.send_all(b"x")  # the client reads the tickets (no reset on close)
+            assert await client.receive_some() == b"x"
+            await client.send_all(b"request")
+            await client.send_eof()
+            with pytest.raises(trio.ClosedResourceError):
+                await client.send_all(b"more")
+            assert await server.receive_some() == b"request"
+            # The other direction still works. (Only until the server reads the bare FIN:
+            # after that OpenSSL refuses to write, as for trio.SSLStream, whose stream
+            # breaks there; so the reply goes first.)
+            await server.send_all(b"response")
+            assert await client.receive_some() == b"response"
+            if peer_https:
+                assert await server.receive_some() == b""
+            else:
+                with pytest.raises(trio.BrokenResourceError, match="without sending close_notify"):
+                    await server.receive_some()
+            await client.aclose()
+            await server.aclose()
+
+
+# -- attribute forwarding, as trio.SSLStream does it ------------------------------------
+
+# trio.SSLStream's own lists: parity is checked against trio, not against a copy.
+TRIO_FORWARDED = sorted(trio.SSLStream._forwarded)
+TRIO_AFTER_HANDSHAKE = sorted(trio.SSLStream._after_handshake)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_forwarded_attributes_need_the_handshake_where_trios_do(
+    mode: trio_ktls.KTLSMode,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        client, server = await ktls_pair_maker(nursery, "TLSv1.3", mode, handshake=False)()
+        listed = dir(client)
+        for name in TRIO_FORWARDED:
+            assert name in listed, name
+        for name in TRIO_AFTER_HANDSHAKE:
+            with pytest.raises(trio.NeedHandshakeError, match=name):
+                getattr(client, name)
+        # The rest are there before the handshake.
+        assert client.context is not None
+        assert client.server_side is False and server.server_side is True
+        assert client.server_hostname == HOSTNAME
+        assert client.session is None
+        assert client.pending() == 0
+        async with trio.open_nursery() as hs:
+            hs.start_soon(client.do_handshake)
+            hs.start_soon(server.do_handshake)
+        assert client.version() == "TLSv1.3"
+        assert client.cipher()[0] == server.cipher()[0]
+        assert client.session_reused is False
+        assert client.getpeercert()["subject"]
+        assert client.selected_alpn_protocol() is None
+        with pytest.raises(AttributeError, match="no_such_thing"):
+            client.no_such_thing  # noqa: B018
+        await client.aclose()
+        await server.aclose()
+
+
+async def test_failed_handshake_leaves_forwarded_attributes_needing_one() -> None:
+    """As in trio, a handshake that failed is not done."""
+    async with trio.open_nursery() as nursery:
+        client_tcp, server_tcp = await tcp_pair()
+        client = KTLSStream(
+            client_tcp, client_context("TLSv1.3"), nursery=nursery, server_hostname="no.example"
+        )
+        server = KTLSStream(
+            server_tcp, server_context("TLSv1.3"), nursery=nursery, server_side=True
+        )
+        async with trio.open_nursery() as hs:
+            hs.start_soon(_expect_broken, server)
+            hs.start_soon(_expect_broken, client)
+        with pytest.raises(trio.NeedHandshakeError):
+            client.version()
+        await client.aclose()
+        await server.aclose()
+
+
+async def _expect_broken(stream: KTLSStream) -> None:
+    with pytest.raises(trio.BrokenResourceError):
+        await stream.do_handshake()
+
+
+async def test_assigning_a_forwarded_attribute_reaches_the_ssl_object() -> None:
+    async with trio.open_nursery() as nursery:
+        client_tcp, server_tcp = await tcp_pair()
+        client = KTLSStream(
+            client_tcp, client_context("TLSv1.3"), nursery=nursery, server_hostname=HOSTNAME
+        )
+        # A read-only SSLObject attribute stays read-only, as on trio.SSLStream.
+        with pytest.raises(AttributeError):
+            client.server_side = True
+        assert "server_side" not in vars(client)
+        # The SSLObject's own checks apply (trio's too): a session must be an SSLSession.
+        with pytest.raises(TypeError, match="SSLSession"):
+            client.session = "not a session"  # type: ignore[assignment]
+        # Ordinary attributes are still the stream's own.
+        client.my_note = "mine"
+        assert vars(client)["my_note"] == "mine"
+        await client.aclose()
+        await server_tcp.aclose()

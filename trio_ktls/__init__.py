@@ -12,6 +12,8 @@ from ._errors import KTLSUnavailableError as KTLSUnavailableError
 from ._errors import TLSDecodeError as TLSDecodeError
 from ._errors import TLSProtocolError as TLSProtocolError
 from ._highlevel import KTLSListener as KTLSListener
+from ._highlevel import open_ktls_over_tcp_listeners as open_ktls_over_tcp_listeners
+from ._highlevel import open_ktls_over_tcp_stream as open_ktls_over_tcp_stream
 from ._highlevel import open_ktls_stream as open_ktls_stream
 from ._highlevel import serve_ktls_over_tcp as serve_ktls_over_tcp
 from ._highlevel import wrap_stream as wrap_stream
@@ -39,6 +41,8 @@ __all__ = [
     "StreamOptions",
     "TLSDecodeError",
     "TLSProtocolError",
+    "open_ktls_over_tcp_listeners",
+    "open_ktls_over_tcp_stream",
     "open_ktls_stream",
     "probe",
     "serve_ktls_over_tcp",

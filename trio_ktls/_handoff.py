@@ -281,7 +281,10 @@ CONNECTION_LOST: Final = "the TCP connection was lost before the TLS handshake b
 def prepare(transport_stream: trio.abc.Stream, context: ssl.SSLContext) -> KeyLogTap | str:
     """Step 1: attach the TLS ULP and tap ``context``'s key log, or say why not."""
     if not isinstance(transport_stream, trio.SocketStream):
-        return "the transport is not a TCP socket"
+        return (
+            f"the transport is a {type(transport_stream).__name__}, not a TCP socket "
+            "(trio.SocketStream), so the kernel cannot take its records"
+        )
     try:
         _kernel.attach_ulp(transport_stream.socket)
     except OSError as exc:
@@ -394,7 +397,9 @@ def _kernel_record_layer(
         max_buffer=options.max_receive_buffer,
         ticket_relay=relay,
     )
-    return KernelRecordLayer(transport, keys, writer, reader, status)
+    return KernelRecordLayer(
+        transport, keys, writer, reader, status, https_compatible=https_compatible
+    )
 
 
 # RFC 8446 §5.5: AES-GCM keys must be rotated before 2**24.5 full-size records. The AEAD

@@ -28,10 +28,129 @@ else:
 
 logger: Final = logging.getLogger("trio_ktls")
 
+#: trio's default for ``happy_eyeballs_delay`` (RFC 8305's recommendation), in seconds.
+DEFAULT_HAPPY_EYEBALLS_DELAY: Final = 0.25
+
+
+def _client_context(ssl_context: ssl.SSLContext | None) -> ssl.SSLContext:
+    """The caller's context, checked; or the default `trio.open_ssl_over_tcp_stream`
+    makes: ``ssl.create_default_context()`` with ``OP_IGNORE_UNEXPECTED_EOF`` cleared,
+    so a TCP close without close_notify is reported as a truncation (unless
+    ``https_compatible``) rather than read as a clean end."""
+    if ssl_context is not None:
+        _check_context(ssl_context)
+        return ssl_context
+    context = ssl.create_default_context()
+    if hasattr(ssl, "OP_IGNORE_UNEXPECTED_EOF"):
+        context.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF
+    return context
+
+
+def _check_context(ssl_context: object) -> None:
+    if not isinstance(ssl_context, ssl.SSLContext):
+        raise TypeError(f"ssl_context must be an ssl.SSLContext, not {ssl_context!r}")
+
+
+def _check_nursery(nursery: object) -> None:
+    if not isinstance(nursery, trio.Nursery):
+        raise TypeError(
+            f"nursery must be a trio.Nursery (it runs the streams' tasks), not {nursery!r}"
+        )
+
+
+def _check_delay(happy_eyeballs_delay: object) -> None:
+    if happy_eyeballs_delay is None:
+        return
+    if isinstance(happy_eyeballs_delay, bool) or not isinstance(happy_eyeballs_delay, int | float):
+        raise TypeError(
+            f"happy_eyeballs_delay must be a number or None, not {happy_eyeballs_delay!r}"
+        )
+    if not happy_eyeballs_delay >= 0:
+        raise ValueError(f"happy_eyeballs_delay must be >= 0, not {happy_eyeballs_delay!r}")
+
+
+async def open_ktls_over_tcp_stream(
+    host: str | bytes,
+    port: int,
+    *,
+    nursery: trio.Nursery,
+    https_compatible: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
+    happy_eyeballs_delay: float | None = DEFAULT_HAPPY_EYEBALLS_DELAY,
+    **options: Unpack[KTLSOptions],
+) -> KTLSStream:
+    """Connect to ``host:port`` over TCP and return a client `KTLSStream`, like
+    `trio.open_ssl_over_tcp_stream`: the handshake runs on first use (or on
+    ``do_handshake()``), the certificate is checked against ``host``, and
+    ``ssl_context`` defaults to trio's default (``ssl.create_default_context()`` with
+    ``OP_IGNORE_UNEXPECTED_EOF`` cleared).
+
+    The one deliberate difference: ``nursery``, required. A `KTLSStream` owns a task
+    (the handshake, then the reader that handles the control records the kernel passes
+    up: alerts, tickets, KeyUpdate), and in trio a task lives in a nursery its caller
+    can see; `trio.SSLStream` has no task of its own, so trio's function needs none.
+    `open_ktls_stream` is the context manager that owns its nursery instead.
+
+    Every argument (``**options``: see `StreamOptions`) is checked before connecting.
+    """
+    StreamOptions(**options)
+    _check_nursery(nursery)
+    _check_delay(happy_eyeballs_delay)
+    ssl_context = _client_context(ssl_context)
+    tcp = await trio.open_tcp_stream(host, port, happy_eyeballs_delay=happy_eyeballs_delay)
+    try:
+        return KTLSStream(
+            tcp,
+            ssl_context,
+            nursery=nursery,
+            server_hostname=host,
+            https_compatible=https_compatible,
+            **options,
+        )
+    except BaseException:
+        await trio.aclose_forcefully(tcp)
+        raise
+
+
+async def open_ktls_over_tcp_listeners(
+    port: int,
+    ssl_context: ssl.SSLContext,
+    *,
+    nursery: trio.Nursery,
+    host: str | bytes | None = None,
+    https_compatible: bool = False,
+    backlog: int | None = None,
+    **options: Unpack[KTLSOptions],
+) -> list[KTLSListener]:
+    """Listen for TLS connections on ``port``, like `trio.open_ssl_over_tcp_listeners`:
+    one `KTLSListener` per address (`trio.open_tcp_listeners` picks them; ``host`` and
+    ``backlog`` mean what they mean there). Accepted streams' tasks run in ``nursery``
+    (see `open_ktls_over_tcp_stream` for why there is one). Every argument is checked
+    before the port is opened.
+    """
+    _check_listener_arguments(ssl_context, nursery, options)
+    tcp_listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
+    return [
+        KTLSListener(
+            listener, ssl_context, nursery=nursery, https_compatible=https_compatible, **options
+        )
+        for listener in tcp_listeners
+    ]
+
+
+def _check_listener_arguments(
+    ssl_context: object, nursery: object | None, options: KTLSOptions
+) -> None:
+    options.setdefault("handshake_timeout", DEFAULT_SERVER_HANDSHAKE_TIMEOUT)
+    StreamOptions(**options)
+    _check_context(ssl_context)
+    if nursery is not None:
+        _check_nursery(nursery)
+
 
 @asynccontextmanager
 async def wrap_stream(
-    transport_stream: trio.SocketStream,
+    transport_stream: trio.abc.Stream,
     ssl_context: ssl.SSLContext,
     *,
     server_side: bool = False,
@@ -78,18 +197,19 @@ async def open_ktls_stream(
     server_hostname: str | bytes | None = None,
     https_compatible: bool = False,
     session: ssl.SSLSession | None = None,
-    happy_eyeballs_delay: float = 0.25,
+    happy_eyeballs_delay: float | None = DEFAULT_HAPPY_EYEBALLS_DELAY,
     **options: Unpack[KTLSOptions],
 ) -> AsyncIterator[KTLSStream]:
     """Connect to ``host:port`` and yield a handshaken client `KTLSStream`.
 
-    ``ssl_context`` defaults to ``ssl.create_default_context()``; ``server_hostname``
-    defaults to ``host`` (for SNI and certificate checks), as in
-    `trio.open_ssl_over_tcp_stream`. The options are checked before connecting.
+    ``ssl_context`` defaults to the context `trio.open_ssl_over_tcp_stream` makes
+    (``ssl.create_default_context()`` with ``OP_IGNORE_UNEXPECTED_EOF`` cleared);
+    ``server_hostname`` defaults to ``host`` (for SNI and certificate checks). Every
+    argument is checked before connecting.
     """
     StreamOptions(**options)
-    if ssl_context is None:
-        ssl_context = ssl.create_default_context()
+    _check_delay(happy_eyeballs_delay)
+    ssl_context = _client_context(ssl_context)
     if server_hostname is None:
         server_hostname = host
     tcp = await trio.open_tcp_stream(host, port, happy_eyeballs_delay=happy_eyeballs_delay)
@@ -123,8 +243,7 @@ class KTLSListener(trio.abc.Listener[KTLSStream]):
         https_compatible: bool = False,
         **options: Unpack[KTLSOptions],
     ) -> None:
-        options.setdefault("handshake_timeout", DEFAULT_SERVER_HANDSHAKE_TIMEOUT)
-        StreamOptions(**options)
+        _check_listener_arguments(ssl_context, nursery, options)
         #: The listener whose connections are wrapped.
         self.transport_listener: Final = transport_listener
         self._ssl_context = ssl_context
@@ -157,32 +276,36 @@ async def serve_ktls_over_tcp(
     host: str | bytes | None = None,
     https_compatible: bool = False,
     backlog: int | None = None,
+    handler_nursery: trio.Nursery | None = None,
     task_status: trio.TaskStatus[list[KTLSListener]] = trio.TASK_STATUS_IGNORED,
     **options: Unpack[KTLSOptions],
 ) -> None:
     """Serve TLS over TCP with kTLS, forever; the counterpart of `trio.serve_ssl_over_tcp`.
 
-    Each connection's handshake runs in its own handler task, bounded by
-    ``handshake_timeout`` (60 s unless given); a failed or timed-out handshake is logged
-    (logger ``trio_ktls``) and closes that connection only. ``handler`` gets a
-    handshaken stream, which is closed when it returns. ``nursery.start(
-    serve_ktls_over_tcp, ...)`` returns the `KTLSListener`\\s. The options are checked
-    before the port is opened.
+    ``host``, ``backlog`` and ``handler_nursery`` mean what they mean there: handlers
+    (and, here, the streams' own tasks) run in ``handler_nursery`` if given, else in a
+    nursery inside this function. ``nursery.start(serve_ktls_over_tcp, ...)`` returns
+    the list of `KTLSListener` objects. Every argument is checked before the port is opened.
+
+    Unlike trio's, each connection's handshake runs in its handler task before
+    ``handler`` is called, bounded by ``handshake_timeout`` (60 s unless given): a
+    failed or timed-out handshake is logged (logger ``trio_ktls``: DEBUG when the peer
+    just went away, as port scanners and health checks do; INFO otherwise; with the
+    peer's address taken at accept time) and closes that connection only. ``handler``
+    gets a handshaken stream, which is closed when it returns.
     """
-    options.setdefault("handshake_timeout", DEFAULT_SERVER_HANDSHAKE_TIMEOUT)
-    StreamOptions(**options)
-    tcp_listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
-    async with trio.open_nursery() as stream_nursery:
-        listeners = [
-            KTLSListener(
-                listener,
-                ssl_context,
-                nursery=stream_nursery,
-                https_compatible=https_compatible,
-                **options,
-            )
-            for listener in tcp_listeners
-        ]
+    _check_listener_arguments(ssl_context, handler_nursery, options)
+    async with trio.open_nursery() as own_nursery:
+        stream_nursery = handler_nursery or own_nursery
+        listeners = await open_ktls_over_tcp_listeners(
+            port,
+            ssl_context,
+            nursery=stream_nursery,
+            host=host,
+            https_compatible=https_compatible,
+            backlog=backlog,
+            **options,
+        )
 
         async def handle(stream: KTLSStream) -> None:
             try:
@@ -195,8 +318,8 @@ async def serve_ktls_over_tcp(
             ) as exc:
                 # One client's failure (KTLSUnavailableError: a cipher the kernel lacks,
                 # with ktls="require") never stops the server.
-                peer = _peer_name(stream)
-                logger.warning("TLS handshake with %s failed: %s", peer, _describe(exc))
+                level = logging.DEBUG if _peer_went_away(exc) else logging.INFO
+                logger.log(level, "TLS handshake with %s failed: %s", stream._peer, _describe(exc))
                 await trio.aclose_forcefully(stream)
                 return
             try:
@@ -204,14 +327,18 @@ async def serve_ktls_over_tcp(
             finally:
                 await stream.aclose()
 
-        await trio.serve_listeners(handle, listeners, task_status=task_status)
+        await trio.serve_listeners(
+            handle, listeners, handler_nursery=stream_nursery, task_status=task_status
+        )
 
 
-def _peer_name(stream: KTLSStream) -> str:
-    try:
-        return str(stream.transport_stream.socket.getpeername())
-    except OSError:
-        return "a disconnected peer"
+def _peer_went_away(exc: BaseException) -> bool:
+    """A connection closed or reset mid-handshake: what a port scanner does."""
+    cause = exc.__cause__ or exc
+    if isinstance(cause, ConnectionError | EOFError):
+        return True
+    text = str(exc)
+    return "closed the connection" in text or "lost" in text or "reset" in text
 
 
 def _describe(exc: BaseException) -> str:

@@ -66,11 +66,12 @@ class RecordLayer(Protocol):
         received before it was delivered."""
 
     async def send_eof(self) -> None:
-        """close_notify, then shut the write side."""
+        """close_notify, then shut the write side (with ``https_compatible``: no
+        close_notify, only the transport's own end of stream)."""
 
     async def close_notify_if_idle(self) -> None:
-        """``aclose``'s courtesy close_notify: skipped if a write is under way, silent
-        on failure."""
+        """``aclose``'s courtesy close_notify: skipped if a write is under way or with
+        ``https_compatible`` (which neither expects nor sends one), silent on failure."""
 
     async def update_keys(self, *, request_peer_update: bool) -> None: ...
 
@@ -101,8 +102,11 @@ class KernelRecordLayer:
         writer: KernelWriter,
         reader: KernelReader,
         status: StreamStatus,
+        *,
+        https_compatible: bool,
     ) -> None:
         self._transport = transport_stream
+        self._https_compatible = https_compatible
         self._keys = keys
         self._writer = writer
         self._reader = reader
@@ -159,11 +163,15 @@ class KernelRecordLayer:
     async def send_eof(self) -> None:
         async with self._writer.lock:
             self._status.check()
+            if self._https_compatible:
+                with _broken_on_os_error("shutting down the write side"):
+                    await self._writer.shut_down_write_side()
+                return
             with _broken_on_os_error("sending close_notify"):
                 await self._writer.send_eof()
 
     async def close_notify_if_idle(self) -> None:
-        if self._writer.lock.locked():
+        if self._https_compatible or self._writer.lock.locked():
             await trio.lowlevel.checkpoint()
             return
         async with self._writer.lock:

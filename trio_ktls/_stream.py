@@ -34,6 +34,7 @@ Cancellation follows ``trio.SSLStream``: a cancelled ``do_handshake``, ``send_al
 
 from __future__ import annotations
 
+import logging
 import operator
 import os
 import ssl
@@ -60,7 +61,10 @@ from ._userspace import UserSpaceRecordLayer
 
 _DEFAULT_RECEIVE_SIZE: Final = 64 * 1024
 
-# Attributes of the SSLObject that the stream exposes, as trio.SSLStream does.
+logger: Final = logging.getLogger("trio_ktls")
+
+# Attributes of the SSLObject that the stream exposes, as trio.SSLStream does: read,
+# assigned (``stream.session = saved`` reaches the SSLObject) and listed by ``dir()``.
 _FORWARDED: Final = frozenset(
     {
         "context",
@@ -74,6 +78,22 @@ _FORWARDED: Final = frozenset(
         "shared_ciphers",
         "compression",
         "pending",
+        "get_channel_binding",
+        "selected_alpn_protocol",
+        "version",
+    }
+)
+
+# Those that mean nothing before the handshake: reading one then raises
+# trio.NeedHandshakeError (trio.SSLStream's ``_after_handshake``, name for name).
+_AFTER_HANDSHAKE: Final = frozenset(
+    {
+        "session_reused",
+        "getpeercert",
+        "selected_npn_protocol",
+        "cipher",
+        "shared_ciphers",
+        "compression",
         "get_channel_binding",
         "selected_alpn_protocol",
         "version",
@@ -123,7 +143,12 @@ class _ConflictDetector:
 
 @final
 class KTLSStream(trio.abc.HalfCloseableStream):
-    """A TLS stream over a TCP `trio.SocketStream`, with the record layer in the kernel.
+    """A TLS stream whose record layer runs in the kernel, over a TCP `trio.SocketStream`.
+
+    Over any other `trio.abc.Stream` (a memory stream, another TLS stream: whatever
+    `trio.SSLStream` accepts) the kernel cannot help: with ``ktls="auto"`` the stream
+    runs in user space and ``ktls_info.reason`` says why; ``ktls="require"`` raises
+    `KTLSUnavailableError` from the handshake.
 
     ``ssl_context``, ``server_side``, ``server_hostname``, ``https_compatible`` and
     ``session`` mean what they mean for `trio.SSLStream` and ``SSLContext.wrap_bio``.
@@ -133,12 +158,29 @@ class KTLSStream(trio.abc.HalfCloseableStream):
     documented on `StreamOptions`; a bad value raises before anything else happens.
 
     Attributes of the ``SSLObject`` (``version()``, ``cipher()``, ``getpeercert()``,
-    ``session``, ``selected_alpn_protocol()``...) are forwarded, as by `trio.SSLStream`.
+    ``session``, ``selected_alpn_protocol()``...) are forwarded as by `trio.SSLStream`:
+    those that describe the connection raise `trio.NeedHandshakeError` until the
+    handshake is done; assigning one (``stream.session = saved`` before the handshake,
+    trio's idiom for resumption) sets it on the ``SSLObject``; ``dir()`` lists them.
     """
+
+    # Forwarded attributes, typed (methods such as ``cipher()`` come through
+    # ``__getattr__`` and are typed as ``Any``, as on trio.SSLStream).
+    #: The ``ssl.SSLContext`` (forwarded).
+    context: ssl.SSLContext
+    #: Whether this is the server end (forwarded).
+    server_side: bool
+    #: The name the certificate is checked against, or None (forwarded).
+    server_hostname: str | None
+    #: The TLS session, to resume a later connection; assign it before the handshake
+    #: (forwarded).
+    session: ssl.SSLSession | None
+    #: Whether the handshake resumed a session (forwarded; after the handshake).
+    session_reused: bool
 
     def __init__(
         self,
-        transport_stream: trio.SocketStream,
+        transport_stream: trio.abc.Stream,
         ssl_context: ssl.SSLContext,
         *,
         nursery: trio.Nursery,
@@ -149,10 +191,18 @@ class KTLSStream(trio.abc.HalfCloseableStream):
         **options: Unpack[KTLSOptions],
     ) -> None:
         self._options: Final = StreamOptions(**options)
-        if not isinstance(transport_stream, trio.SocketStream):
-            raise TypeError("KTLSStream needs a trio.SocketStream: kTLS lives on a TCP socket")
-        #: The TCP stream underneath.
-        self.transport_stream: Final = transport_stream
+        if not isinstance(transport_stream, trio.abc.Stream):
+            raise TypeError(
+                f"transport_stream must be a trio.abc.Stream, not {transport_stream!r}"
+            )
+        if not isinstance(ssl_context, ssl.SSLContext):
+            raise TypeError(f"ssl_context must be an ssl.SSLContext, not {ssl_context!r}")
+        #: The stream underneath: a `trio.SocketStream` for kTLS; any other stream (a
+        #: memory stream, another TLS stream) works in user space.
+        self.transport_stream: Final[trio.abc.Stream] = transport_stream
+        # Taken now (at accept time, for a listener's stream), while the peer is surely
+        # still connected: log lines about this connection name it.
+        self._peer = _peer_address(transport_stream)
         self._nursery = nursery
         self._https_compatible = https_compatible
         self._handshake = Handshake(
@@ -187,8 +237,21 @@ class KTLSStream(trio.abc.HalfCloseableStream):
 
     def __getattr__(self, name: str) -> Any:
         if name in _FORWARDED:
+            # ``_layer`` is set once the handshake (and the handoff) succeeded: the
+            # counterpart of trio's ``_handshook.done``.
+            if name in _AFTER_HANDSHAKE and self._layer is None:
+                raise trio.NeedHandshakeError(f"call do_handshake() before calling {name!r}")
             return getattr(self._handshake.ssl_object, name)
-        raise AttributeError(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _FORWARDED:
+            setattr(self._handshake.ssl_object, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def __dir__(self) -> list[str]:
+        return [*super().__dir__(), *_FORWARDED]
 
     @property
     def ktls_info(self) -> KTLSInfo | None:
@@ -294,6 +357,15 @@ class KTLSStream(trio.abc.HalfCloseableStream):
             cipher=cipher[0] if cipher else "unknown",
             reason=None if layer.offloaded else self._offload_reason,
         )
+        if layer.offloaded:
+            logger.debug("%s: %s %s offloaded to the kernel", self._peer, *_names(self._info))
+        else:
+            logger.debug(
+                "%s: %s %s stays in user space: %s",
+                self._peer,
+                *_names(self._info),
+                self._info.reason,
+            )
         self._layer = layer
         task_status.started()
         await layer.run()
@@ -413,7 +485,21 @@ class KTLSStream(trio.abc.HalfCloseableStream):
             await layer.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
-        """Send close_notify and shut down the write side; receiving goes on."""
+        """Send close_notify and shut down the write side; receiving goes on.
+
+        With ``https_compatible`` no close_notify is sent (such a stream neither expects
+        nor sends one, as in `trio.SSLStream`): only the transport's write side is shut
+        down (a TCP FIN), which an HTTPS-style peer reads as the end. A transport that
+        cannot half-close then has no way to say it: `TypeError`, before anything is
+        sent (`trio.SSLStream` has no ``send_eof`` at all).
+        """
+        if self._https_compatible and not isinstance(
+            self.transport_stream, trio.abc.HalfCloseableStream
+        ):
+            raise TypeError(
+                "send_eof with https_compatible=True sends no close_notify, so it needs a "
+                "transport that can half-close (a trio.abc.HalfCloseableStream)"
+            )
         with self._send_conflict:
             layer = self._layer or await self._ensure_handshake()
             self._status.check()
@@ -441,8 +527,9 @@ class KTLSStream(trio.abc.HalfCloseableStream):
     # -- closing ----------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Close the stream: close_notify if it is healthy and no write is under way,
-        then the transport. Idempotent; never raises for a broken stream."""
+        """Close the stream: close_notify if it is healthy and no write is under way
+        (never with ``https_compatible``, as in `trio.SSLStream`), then the transport.
+        Idempotent; never raises for a broken stream."""
         if self._status.state is State.CLOSED:
             await trio.lowlevel.checkpoint()
             return
@@ -460,6 +547,20 @@ class KTLSStream(trio.abc.HalfCloseableStream):
             await trio.aclose_forcefully(self.transport_stream)
             raise
         await self.transport_stream.aclose()
+
+
+def _names(info: KTLSInfo) -> tuple[str, str]:
+    return info.version, info.cipher
+
+
+def _peer_address(transport: trio.abc.Stream) -> str:
+    """The peer, for log lines: its address for a socket, the transport otherwise."""
+    if not isinstance(transport, trio.SocketStream):
+        return f"a peer over {type(transport).__name__}"
+    try:
+        return str(transport.socket.getpeername())
+    except OSError:
+        return "a peer that had already disconnected"
 
 
 def _file_descriptor(file: int | BinaryIO) -> int:

@@ -159,7 +159,8 @@ class UserSpaceRecordLayer:
         async with self._write_lock:
             self._status.check()
             with _translate(self._status):
-                await self._send_close_notify()
+                if not self._https_compatible:
+                    await self._send_close_notify()
                 if isinstance(self._transport, trio.abc.HalfCloseableStream):
                     await self._transport.send_eof()
 
@@ -170,7 +171,7 @@ class UserSpaceRecordLayer:
         await self._transport.send_all(self._outgoing.read())
 
     async def close_notify_if_idle(self) -> None:
-        if self._write_lock.locked():
+        if self._https_compatible or self._write_lock.locked():
             await trio.lowlevel.checkpoint()
             return
         async with self._write_lock:

@@ -171,6 +171,12 @@ class KernelWriter:
         await self.send_control(ContentType.ALERT, CLOSE_NOTIFY.encode())
         self._sock.shutdown(socket.SHUT_WR)
 
+    async def shut_down_write_side(self) -> None:
+        """Shut down the write side with no close_notify (``https_compatible``: HTTPS
+        peers end with a bare TCP FIN)."""
+        await trio.lowlevel.checkpoint()
+        self._sock.shutdown(socket.SHUT_WR)
+
     async def _records_left(self) -> int:
         """Data records that may still go out under this key (>= 1), rotating first if
         the limit is near. One record below the limit stays in reserve."""
