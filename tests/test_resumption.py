@@ -41,12 +41,11 @@ def _assert_ticket_arrived(stream: KTLSStream) -> None:
     assert stream.session.has_ticket
 
 
-@pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])
-@pytest.mark.parametrize("mode", MODES)
-async def test_resume_against_our_own_server(version: str, mode: KTLSMode) -> None:
-    server_ctx = server_context(version)
-    client_ctx = client_context(version)
-    reused_on_server: list[bool] = []
+async def _serve_hi(
+    nursery: trio.Nursery, version: str, mode: KTLSMode, reused_on_server: list[bool]
+) -> int:
+    """Our server on a free loopback port: each connection is checked for ``mode``, noted
+    as resumed or not in ``reused_on_server``, and sent b"hi"; the port."""
 
     async def handler(stream: KTLSStream) -> None:
         assert_mode(stream, mode)
@@ -54,11 +53,20 @@ async def test_resume_against_our_own_server(version: str, mode: KTLSMode) -> No
         await stream.send_all(b"hi")
         await stream.receive_some()
 
+    listeners = await nursery.start(
+        partial(trio_ktls.serve_ktls_over_tcp, handler, 0, server_context(version), ktls=mode)
+    )
+    port: int = listeners[0].transport_listener.socket.getsockname()[1]
+    return port
+
+
+@pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])
+@pytest.mark.parametrize("mode", MODES)
+async def test_resume_against_our_own_server(version: str, mode: KTLSMode) -> None:
+    client_ctx = client_context(version)
+    reused_on_server: list[bool] = []
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(
-            partial(trio_ktls.serve_ktls_over_tcp, handler, 0, server_ctx, ktls=mode)
-        )
-        port = listeners[0].transport_listener.socket.getsockname()[1]
+        port = await _serve_hi(nursery, version, mode, reused_on_server)
         session = None
         for attempt in range(2):
             async with trio_ktls.open_ktls_stream(
@@ -156,18 +164,10 @@ async def test_resume_by_assigning_session_like_trio(version: str, mode: KTLSMod
     """trio's idiom: ``stream.session = saved`` before the handshake reaches the
     SSLObject, so the second connection resumes (it used to land in the stream's own
     ``__dict__`` and resume nothing)."""
-    server_ctx = server_context(version)
     client_ctx = client_context(version)
-
-    async def handler(stream: KTLSStream) -> None:
-        await stream.send_all(b"hi")
-        await stream.receive_some()
-
+    reused_on_server: list[bool] = []
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(
-            partial(trio_ktls.serve_ktls_over_tcp, handler, 0, server_ctx, ktls=mode)
-        )
-        port = listeners[0].transport_listener.socket.getsockname()[1]
+        port = await _serve_hi(nursery, version, mode, reused_on_server)
         saved = None
         for attempt in range(2):
             tcp = await trio.open_tcp_stream("127.0.0.1", port)
@@ -184,3 +184,4 @@ async def test_resume_by_assigning_session_like_trio(version: str, mode: KTLSMod
             saved = client.session
             await client.aclose()
         nursery.cancel_scope.cancel()
+    assert reused_on_server == [False, True]

@@ -63,29 +63,8 @@ _DEFAULT_RECEIVE_SIZE: Final = 64 * 1024
 
 logger: Final = logging.getLogger("trio_ktls")
 
-# Attributes of the SSLObject that the stream exposes, as trio.SSLStream does: read,
-# assigned (``stream.session = saved`` reaches the SSLObject) and listed by ``dir()``.
-_FORWARDED: Final = frozenset(
-    {
-        "context",
-        "server_side",
-        "server_hostname",
-        "session",
-        "session_reused",
-        "getpeercert",
-        "selected_npn_protocol",
-        "cipher",
-        "shared_ciphers",
-        "compression",
-        "pending",
-        "get_channel_binding",
-        "selected_alpn_protocol",
-        "version",
-    }
-)
-
-# Those that mean nothing before the handshake: reading one then raises
-# trio.NeedHandshakeError (trio.SSLStream's ``_after_handshake``, name for name).
+# Attributes of the SSLObject that mean nothing before the handshake: reading one then
+# raises trio.NeedHandshakeError (trio.SSLStream's ``_after_handshake``, name for name).
 _AFTER_HANDSHAKE: Final = frozenset(
     {
         "session_reused",
@@ -99,6 +78,16 @@ _AFTER_HANDSHAKE: Final = frozenset(
         "version",
     }
 )
+
+# Every attribute of the SSLObject that the stream exposes, as trio.SSLStream does: read,
+# assigned (``stream.session = saved`` reaches the SSLObject) and listed by ``dir()``.
+_FORWARDED: Final = _AFTER_HANDSHAKE | {
+    "context",
+    "server_side",
+    "server_hostname",
+    "session",
+    "pending",
+}
 
 
 @final
