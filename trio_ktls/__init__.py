@@ -25,6 +25,7 @@ from ._probe import ProbeResult as ProbeResult
 from ._probe import probe as probe
 from ._stream import KTLSInfo as KTLSInfo
 from ._stream import KTLSStream as KTLSStream
+from ._version import __version__ as __version__
 
 __all__ = [
     "CipherSupport",
@@ -41,6 +42,7 @@ __all__ = [
     "StreamOptions",
     "TLSDecodeError",
     "TLSProtocolError",
+    "__version__",
     "open_ktls_over_tcp_listeners",
     "open_ktls_over_tcp_stream",
     "open_ktls_stream",
