@@ -261,3 +261,40 @@ def test_labels_command_prints_the_matrix() -> None:
         [sys.executable, str(lab), "labels"], check=True, capture_output=True, text=True
     ).stdout
     assert tuple(output.split()) == kernel_lab.LABELS
+
+
+@pytest.mark.parametrize(
+    ("boots", "expected", "attempts"),
+    [
+        ([(255, 6.0), (0, 300.0)], 0, 2),  # never booted, then ran
+        ([(255, 6.0)] * 3, 255, 3),  # never booted, three times: give up
+        ([(255, 400.0)], 255, 1),  # booted and failed: no second run
+        ([(1, 5.0)], 1, 1),  # any other status is the command's
+    ],
+)
+def test_a_guest_that_never_booted_is_booted_again(
+    monkeypatch: pytest.MonkeyPatch,
+    boots: list[tuple[int, float]],
+    expected: int,
+    attempts: int,
+) -> None:
+    clock = [0.0]
+    calls = []
+
+    def boot(*args: object) -> int:
+        status, seconds = boots[len(calls)]
+        calls.append(args)
+        clock[0] += seconds
+        return status
+
+    record = kernel_lab.KernelRecord.__new__(kernel_lab.KernelRecord)
+    monkeypatch.setattr(kernel_lab, "fetch", lambda label: record)
+    monkeypatch.setattr(kernel_lab, "link_modules", lambda record: None)
+    monkeypatch.setattr(kernel_lab, "find_vng", lambda: Path("/nonexistent/vng"))
+    monkeypatch.setattr(kernel_lab, "guest_script", lambda *args: "true")
+    monkeypatch.setattr(kernel_lab, "_boot", boot)
+    monkeypatch.setattr(kernel_lab.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(type(record), "vmlinuz", "vmlinuz", raising=False)
+    monkeypatch.setattr(type(record), "release", "7.2.13", raising=False)
+    assert kernel_lab.run_in_guest("7", ["true"]) == expected
+    assert len(calls) == attempts

@@ -43,7 +43,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Final
 from xml.etree import ElementTree
 
 HOST_PACKAGES = ("qemu-system-x86", "kmod", "busybox-static", "udev")
@@ -575,8 +575,34 @@ def run_in_guest(
     ]
     # vng runs virtme-run by name, from its own bin directory.
     host_env = {**os.environ, "PATH": f"{vng.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    log(f"booting {record.release} ({label}); guest runs: {shlex.join(command)}")
-    started = time.monotonic()
+    for attempt in range(1, BOOT_ATTEMPTS + 1):
+        log(f"booting {record.release} ({label}); guest runs: {shlex.join(command)}")
+        started = time.monotonic()
+        status = _boot(argv, host_env, cwd, timeout, label, record.release)
+        elapsed = time.monotonic() - started
+        log(f"guest {label} exited with status {status} after {elapsed:.0f} s")
+        # vng now and then exits 255 at once, silently: that guest never booted (a boot
+        # alone takes 25-40 s), so no test ran and booting again is safe.
+        if not (status == 255 and elapsed < NEVER_BOOTED_SECONDS) or attempt == BOOT_ATTEMPTS:
+            return status
+        log(f"guest {label} never booted; booting again ({attempt + 1}/{BOOT_ATTEMPTS})")
+    raise AssertionError("unreachable")
+
+
+#: How often a guest that never booted is booted again, and what "never booted" means.
+BOOT_ATTEMPTS: Final = 3
+NEVER_BOOTED_SECONDS: Final = 20
+
+
+def _boot(
+    argv: Sequence[str],
+    host_env: Mapping[str, str],
+    cwd: Path,
+    timeout: float,
+    label: str,
+    release: str,
+) -> int:
+    """One boot: the guest's exit status (TIMEOUT_STATUS when it had to be killed)."""
     # QEMU opens the guest's output ports as files at /proc/self/fd/{1,2}, truncating
     # them and writing from offset 0 twice over: with a regular file as stdout (a CI
     # log) guest output gets clobbered.  A pipe is immune, so relay through one.
@@ -599,7 +625,7 @@ def run_in_guest(
             # Killed by a signal: report it the way shells do, not as 256 - signal.
             status = 128 - status
     except subprocess.TimeoutExpired:
-        log(f"guest {label} ({record.release}) still running after {timeout:g} s: killed")
+        log(f"guest {label} ({release}) still running after {timeout:g} s: killed")
         status = TIMEOUT_STATUS
     finally:
         # Also reaps stragglers after a normal exit: anything left in the group would
@@ -608,7 +634,6 @@ def run_in_guest(
             os.killpg(guest.pid, signal.SIGKILL)
         guest.wait()
         relay.join()
-    log(f"guest {label} exited with status {status} after {time.monotonic() - started:.0f} s")
     return status
 
 
