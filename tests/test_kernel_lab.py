@@ -279,7 +279,7 @@ def test_a_guest_that_never_booted_is_booted_again(
     attempts: int,
 ) -> None:
     clock = [0.0]
-    calls = []
+    calls: list[tuple[object, ...]] = []
 
     def boot(*args: object) -> int:
         status, seconds = boots[len(calls)]
@@ -293,7 +293,7 @@ def test_a_guest_that_never_booted_is_booted_again(
     monkeypatch.setattr(kernel_lab, "find_vng", lambda: Path("/nonexistent/vng"))
     monkeypatch.setattr(kernel_lab, "guest_script", lambda *args: "true")
     monkeypatch.setattr(kernel_lab, "_boot", boot)
-    monkeypatch.setattr(kernel_lab.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr("kernel_lab.time.monotonic", lambda: clock[0])
     monkeypatch.setattr(type(record), "vmlinuz", "vmlinuz", raising=False)
     monkeypatch.setattr(type(record), "release", "7.2.13", raising=False)
     assert kernel_lab.run_in_guest("7", ["true"]) == expected
