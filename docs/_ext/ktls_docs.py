@@ -98,8 +98,16 @@ TRIO_PAGES = {
 TRIO_TARGETS = {name: page for page, names in TRIO_PAGES.items() for name in names}
 
 
+# Standard-library classes whose ``__module__`` is a private C module document under
+# the public one (autodoc writes ``_ssl.SSLSession`` for ``ssl.SSLSession``).
+PRIVATE_STDLIB_MODULES = {"_ssl": "ssl", "_socket": "socket", "_io": "io"}
+
+
 def external_url(target: str) -> str | None:
     """Where the standard library's or trio's documentation describes ``target``."""
+    private, dot, rest = target.partition(".")
+    if dot and private in PRIVATE_STDLIB_MODULES:
+        target = f"{PRIVATE_STDLIB_MODULES[private]}.{rest}"
     if target in TRIO_TARGETS:
         return f"{TRIO_DOCS}{TRIO_TARGETS[target]}#{target}"
     # trio's classes' methods (trio.abc.Stream.send_all) are anchored under the class.
@@ -122,7 +130,8 @@ def external_url(target: str) -> str | None:
     parts = target.split(".")
     for end in range(len(parts) - 1, 0, -1):
         module = ".".join(parts[:end])
-        if module.split(".")[0] in sys.stdlib_module_names and module in sys.modules:
+        top = module.split(".")[0]
+        if top in sys.stdlib_module_names and not top.startswith("_") and module in sys.modules:
             return f"{PYTHON_DOCS}library/{module}.html#{target}"
     return None
 
