@@ -1,8 +1,8 @@
-"""Nox sessions: host tests, lint, and the kernel matrix.
+"""Nox sessions: host tests, lint, the docs, and the kernel matrix.
 
 The host kernel has no kTLS, so the ``ktls``-marked tests skip there; the ``kernel-*``
 sessions run them for real in QEMU guests booted with Debian's kernels (see
-``tools/kernel_lab.py``).  ``nox`` alone runs tests, lint and all four kernels.
+``tools/kernel_lab.py``).  ``nox`` alone runs tests, lint, docs and all four kernels.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import kernel_lab
 
 ROOT = Path(__file__).resolve().parent
 
-nox.options.sessions = ["tests", "lint", "kernels"]
+nox.options.sessions = ["tests", "lint", "docs", "kernels"]
 nox.options.reuse_venv = "yes"
 
 LAB = ("python", "tools/kernel_lab.py")
@@ -50,6 +50,17 @@ def lint(session: nox.Session) -> None:
     session.install("-e", ".[test,lint]", "nox")
     session.run("ruff", "check", ".")
     session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site (Sphinx) in docs/_build/html; any warning, an unresolved
+    reference included, fails the build."""
+    session.install("-e", ".[docs]")
+    session.run(
+        "sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html",
+        *session.posargs,
+    )  # fmt: skip
 
 
 def _prepare_guest_venv(session: nox.Session) -> Path:

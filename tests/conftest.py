@@ -4,12 +4,14 @@
   project's development hosts), they are skipped with the probe's reason.
 - Inside a kernel guest (``TRIO_KTLS_GUEST_KERNEL`` is set by the kernel lab), a skipped
   ``ktls`` test is a failure: the guest run exists to prove those tests ran.
-- Every run records the kernel release in the junit report, so the matrix shows which
-  kernel each result came from.
+- Every run records the kernel release and the probe's result in the junit report, so
+  the matrix shows which kernel each result came from and what it could do (the docs'
+  compatibility page reads them back: ``tools/docs_pages.py``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable, Generator
@@ -58,6 +60,7 @@ def _record_kernel(record_testsuite_property: Callable[[str, object], None]) -> 
     record_testsuite_property("kernel_release", os.uname().release)
     record_testsuite_property("guest_kernel_label", GUEST_KERNEL or "host")
     record_testsuite_property("ktls_available", kernel_probe().available)
+    record_testsuite_property("probe", json.dumps(kernel_probe().as_dict()))
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import ssl
 import subprocess
 import sys
 
@@ -67,6 +68,24 @@ def test_missing_module_reasons(
     monkeypatch.setattr(_probe, "kernel_config_value", lambda name: config)
     monkeypatch.setattr(_probe, "tls_module_installed", lambda: installed)
     assert expected in _probe.ulp_error_reason(OSError(errno.ENOENT, "No such file"))
+
+
+def test_supports_takes_the_kernel_cipher_number() -> None:
+    result = _probe.ProbeResult(
+        True,
+        "made up",
+        "6.18.0-test",
+        ciphers=(
+            _probe.CipherSupport("TLSv1.3", "AES_GCM_128", True, True),
+            _probe.CipherSupport("TLSv1.2", "AES_GCM_256", True, False, "RX refused"),
+        ),
+    )
+    assert result.supports(ssl.TLSVersion.TLSv1_3, 51)
+    assert result.supports(ssl.TLSVersion.TLSv1_3, KernelCipher.AES_GCM_128)
+    assert not result.supports(ssl.TLSVersion.TLSv1_2, KernelCipher.AES_GCM_256)  # RX only
+    assert not result.supports(ssl.TLSVersion.TLSv1_2, 51)
+    with pytest.raises(ValueError, match="99"):
+        result.supports(ssl.TLSVersion.TLSv1_3, 99)
 
 
 def test_other_ulp_errors_are_explained() -> None:

@@ -226,7 +226,7 @@ async def open_ktls_stream(
 
 @final
 class KTLSListener(trio.abc.Listener[KTLSStream]):
-    """Wraps a listener of `trio.SocketStream`s; ``accept`` returns server `KTLSStream`s.
+    """Wraps a listener of `trio.SocketStream` objects; ``accept`` returns server streams.
 
     Like `trio.SSLListener`, accepted streams have not handshaken yet (so one slow client
     cannot hold up ``accept``); their handshake runs on first use or on an explicit

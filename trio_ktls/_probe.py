@@ -48,10 +48,15 @@ _KEY_UPDATE: Final = bytes([24, 0, 0, 1, 0])
 class CipherSupport:
     """Whether the kernel accepted one (version, cipher) pair in each direction."""
 
+    #: ``"TLSv1.2"`` or ``"TLSv1.3"``.
     version: str
+    #: The kernel's name for the cipher (``AES_GCM_128``, ``CHACHA20_POLY1305``, ...).
     cipher: str
+    #: Whether the kernel took the key as a transmit key.
     tx: bool
+    #: Whether it took it as a receive key and a record sent through came out intact.
     rx: bool
+    #: What went wrong, in words; None when both directions work.
     error: str | None = None
 
 
@@ -59,27 +64,44 @@ class CipherSupport:
 class ProbeResult:
     """The outcome of `probe`. ``reason`` is a sentence for a person."""
 
+    #: Whether the kernel offloads at least one version/cipher pair.
     available: bool
+    #: Why kTLS is or is not available, in words (the module, the config, seccomp...).
     reason: str
+    #: ``uname -r`` of the kernel probed.
     kernel_release: str
+    #: Every version/cipher pair tried (empty when the TLS ULP does not attach).
     ciphers: tuple[CipherSupport, ...] = ()
+    #: Whether a TLS 1.3 transmit key can be replaced (Linux 6.14+); None if untried.
     tls13_tx_rekey: bool | None = None
+    #: Whether a TLS 1.3 receive key can be replaced after a KeyUpdate; None if untried.
     tls13_rx_rekey: bool | None = None
+    #: Why the rekey probe failed, in words; None when both directions work.
     rekey_error: str | None = None
+    #: The kernel's kTLS counters from ``/proc/net/tls_stat`` at the time of the probe.
     tls_stat: Mapping[str, int] = field(default_factory=dict)
 
-    def supports(self, version: ssl.TLSVersion, cipher: KernelCipher) -> bool:
+    def supports(self, version: ssl.TLSVersion, cipher: int) -> bool:
+        """Whether the kernel offloads ``version`` with ``cipher`` in both directions.
+
+        ``cipher`` is a ``TLS_CIPHER_*`` number from ``uapi/linux/tls.h`` (51 for
+        AES-GCM-128, 52 AES-GCM-256, 53 AES-CCM-128, 54 ChaCha20-Poly1305); another
+        number is a `ValueError`.
+        """
+        name = KernelCipher(cipher).name
         return any(
-            c.version == tls_version_name(version) and c.cipher == cipher.name and c.tx and c.rx
+            c.version == tls_version_name(version) and c.cipher == name and c.tx and c.rx
             for c in self.ciphers
         )
 
     def as_dict(self) -> dict[str, Any]:
+        """The result as plain data, for JSON (``python -m trio_ktls probe --json``)."""
         data = asdict(self)
         data["tls_stat"] = dict(self.tls_stat)
         return data
 
     def format(self) -> str:
+        """The result as text for a person (``python -m trio_ktls probe``)."""
         lines = [
             f"kernel release: {self.kernel_release}",
             f"kTLS available: {'yes' if self.available else 'no'} ({self.reason})",

@@ -142,8 +142,8 @@ class KTLSStream(trio.abc.HalfCloseableStream):
     ``ssl_context``, ``server_side``, ``server_hostname``, ``https_compatible`` and
     ``session`` mean what they mean for `trio.SSLStream` and ``SSLContext.wrap_bio``.
     ``nursery`` runs the stream's own task (handshake, handoff, then the reader).
-    ``**options`` are the kTLS options (`ktls`, `handshake_timeout`,
-    `max_receive_buffer`, `rekey_after_records`, `request_peer_rekey_after_records`),
+    ``**options`` are the kTLS options (``ktls``, ``handshake_timeout``,
+    ``max_receive_buffer``, ``rekey_after_records``, ``request_peer_rekey_after_records``),
     documented on `StreamOptions`; a bad value raises before anything else happens.
 
     Attributes of the ``SSLObject`` (``version()``, ``cipher()``, ``getpeercert()``,
