@@ -23,6 +23,7 @@ import httpcore
 import httpx
 import pytest
 import trio
+import trio.testing
 
 import trio_ktls
 import trio_ktls.httpcore
@@ -178,6 +179,8 @@ async def test_closing_the_client_stops_the_connections_tasks(mode: KTLSMode) ->
                     assert await response.aread() == BODY
             assert len(server.connections) == 2
             assert len(nursery.child_tasks) == (2 if mode == "require" else 0)
+        # A stopped task ends at its next scheduling round; one still reading would stay.
+        await trio.testing.wait_all_tasks_blocked()
         assert not nursery.child_tasks
 
 
