@@ -55,6 +55,9 @@ class Handshake:
             session=session,
         )
         self.observer: Final = HandshakeObserver(server_side=server_side)
+        #: Whether the peer ended the connection (a TCP FIN, not a reset) before the
+        #: handshake was done: with ``https_compatible`` that is an end of stream.
+        self.peer_closed = False
 
     async def run(self) -> None:
         """Handshake to the end; raises `ssl.SSLError` or `trio.BrokenResourceError`."""
@@ -96,6 +99,7 @@ class Handshake:
         while len(data) < size:
             chunk = await self.transport_stream.receive_some(size - len(data))
             if not chunk:
+                self.peer_closed = True
                 raise trio.BrokenResourceError("the peer closed the connection mid-handshake")
             data += chunk
         return bytes(data)

@@ -502,15 +502,27 @@ class KTLSStream(trio.abc.HalfCloseableStream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         """Up to ``max_bytes`` bytes (default 64 KiB) of data, or ``b""`` at end of
-        stream (the peer's close_notify; also a bare TCP close with
-        ``https_compatible``). Data that arrived before a failure is returned first."""
+        stream (the peer's close_notify; with ``https_compatible`` also a bare TCP close,
+        even one during the handshake, as in `trio.SSLStream`). Data that arrived before
+        a failure is returned first."""
         if max_bytes is not None:
             max_bytes = operator.index(max_bytes)  # TypeError for 1.5, like a socket
             if max_bytes < 1:
                 raise ValueError("max_bytes must be >= 1")
         with self._receive_conflict:
             self._status.check_not_closed()
-            layer = self._layer or await self._ensure_handshake()
+            layer = self._layer
+            if layer is None:
+                try:
+                    layer = await self._ensure_handshake()
+                except trio.BrokenResourceError:
+                    if not (self._https_compatible and self._handshake.peer_closed):
+                        raise
+                    # As trio.SSLStream: with https_compatible, a peer that closes the
+                    # connection mid-handshake has ended the stream. Every call says so
+                    # (trio's later calls raise: its stream is broken by then).
+                    await trio.lowlevel.checkpoint()
+                    return b""
             return await layer.receive(max_bytes or _DEFAULT_RECEIVE_SIZE)
 
     # -- closing ----------------------------------------------------------------------
