@@ -4,12 +4,13 @@
   project's development hosts), they are skipped with the probe's reason.
 - Inside a kernel guest (``TRIO_KTLS_GUEST_KERNEL`` is set by the kernel lab), a skipped
   ``ktls`` test is a failure: the guest run exists to prove those tests ran.
-- Every run records the kernel release in the junit report, so the matrix shows which
-  kernel each result came from.
+- Every run records the kernel release and the probe's answer (JSON) in the junit
+  report, so the matrix shows which kernel each result came from and what it can do.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable, Generator
@@ -58,6 +59,8 @@ def _record_kernel(record_testsuite_property: Callable[[str, object], None]) -> 
     record_testsuite_property("kernel_release", os.uname().release)
     record_testsuite_property("guest_kernel_label", GUEST_KERNEL or "host")
     record_testsuite_property("ktls_available", kernel_probe().available)
+    # The whole probe (ciphers, rekey), for the matrix's capability table.
+    record_testsuite_property("probe", json.dumps(kernel_probe().as_dict()))
 
 
 @pytest.fixture
