@@ -166,6 +166,6 @@ def notebooks(session: nox.Session) -> None:
     real kTLS) and write the executed notebooks, outputs and plots included, back."""
     python = _prepare_guest_venv(session)
     session.run(
-        *LAB, "run", DEMO_KERNEL, "--rwdir=notebooks", "--timeout=1800", "--memory=3G", "--",
+        *LAB, "run", DEMO_KERNEL, "--rwdir=notebooks", "--timeout=3600", "--memory=3G", "--",
         str(python), "tools/notebooks.py", "run", "--write",
     )  # fmt: skip

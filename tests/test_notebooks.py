@@ -9,6 +9,7 @@ user space (each prints a line starting ``No kTLS here:`` when it does).
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import nbformat
@@ -22,6 +23,12 @@ FALLBACK_MARK = "No kTLS here:"
 
 NOTEBOOKS = notebooks.notebook_paths()
 WHERE = [pytest.param(False, id="here"), pytest.param(True, id="ktls", marks=pytest.mark.ktls)]
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[dict[str, str]]:
+    with notebooks.scratch_environment() as scratch:
+        yield scratch
 
 
 def _text_outputs(notebook: nbformat.NotebookNode) -> str:
@@ -47,9 +54,9 @@ def test_there_are_notebooks() -> None:
 
 @pytest.mark.parametrize("with_ktls", WHERE)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
-def test_notebook_runs(path: Path, with_ktls: bool) -> None:
+def test_notebook_runs(path: Path, with_ktls: bool, env: dict[str, str]) -> None:
     # CellExecutionError names the cell and carries its traceback.
-    executed = notebooks.execute(path)
+    executed = notebooks.execute(path, env)
     errors = [
         output
         for cell in executed.cells

@@ -21,7 +21,8 @@ import contextlib
 import os
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -34,6 +35,9 @@ ROOT: Final = Path(__file__).resolve().parents[1]
 NOTEBOOKS: Final = ROOT / "notebooks"
 #: Seconds one cell may take: a guest runs about 10x slower than the host.
 CELL_TIMEOUT: Final = 600
+#: Seconds the kernel may take to start: importing IPython in an emulated guest, over
+#: 9p, takes over a minute (nbclient's default, 60 s, is too short there).
+STARTUP_TIMEOUT: Final = 600
 
 
 def notebook_paths() -> list[Path]:
@@ -42,10 +46,11 @@ def notebook_paths() -> list[Path]:
 
 
 @contextlib.contextmanager
-def _scratch_environment() -> Iterator[dict[str, str]]:
-    """The kernel's environment, with every folder Jupyter, IPython or matplotlib writes
+def scratch_environment() -> Iterator[dict[str, str]]:
+    """The kernels' environment, with every folder Jupyter, IPython or matplotlib writes
     to in a temporary directory (the connection file is written by this process, so the
-    runtime folder is set here too, and restored afterwards)."""
+    runtime folder is set here too, and restored afterwards). Notebooks executed in one
+    share it: matplotlib builds its font cache once."""
     with tempfile.TemporaryDirectory(prefix="trio_ktls-notebooks-") as scratch:
         folders = {
             name: os.path.join(scratch, name.lower())
@@ -63,26 +68,28 @@ def _scratch_environment() -> Iterator[dict[str, str]]:
                     os.environ[name] = value
 
 
-def execute(path: Path, *, timeout: int = CELL_TIMEOUT) -> nbformat.NotebookNode:
+def execute(
+    path: Path, env: Mapping[str, str], *, timeout: int = CELL_TIMEOUT
+) -> nbformat.NotebookNode:
     """Run ``path`` top to bottom in a fresh kernel (its folder as the working
-    directory) and return the executed notebook. Raises
-    ``nbclient.exceptions.CellExecutionError`` naming the cell that failed."""
+    directory, ``env`` from `scratch_environment`) and return the executed notebook.
+    Raises ``nbclient.exceptions.CellExecutionError`` naming the cell that failed."""
     notebook: nbformat.NotebookNode = nbformat.read(path, as_version=4)  # type: ignore[no-untyped-call]
     # Only ipykernel's built-in spec, which runs sys.executable.
     specs = KernelSpecManager(kernel_dirs=[], ensure_native_kernel=True)
-    with _scratch_environment() as env:
-        manager = AsyncKernelManager(kernel_name=NATIVE_KERNEL_NAME, kernel_spec_manager=specs)
-        client = NotebookClient(
-            notebook,
-            km=manager,
-            timeout=timeout,
-            # No per-cell timestamps: a re-run changes outputs, not every cell's metadata.
-            record_timing=False,
-            resources={"metadata": {"path": str(path.parent)}},
-        )
-        # cleanup_kc: shut the kernel down and close its channels (nbclient leaves a
-        # kernel it did not create running otherwise).
-        client.execute(env=env, cleanup_kc=True)
+    manager = AsyncKernelManager(kernel_name=NATIVE_KERNEL_NAME, kernel_spec_manager=specs)
+    client = NotebookClient(
+        notebook,
+        km=manager,
+        timeout=timeout,
+        startup_timeout=STARTUP_TIMEOUT,
+        # No per-cell timestamps: a re-run changes outputs, not every cell's metadata.
+        record_timing=False,
+        resources={"metadata": {"path": str(path.parent)}},
+    )
+    # cleanup_kc: shut the kernel down and close its channels (nbclient leaves a
+    # kernel it did not create running otherwise).
+    client.execute(env=dict(env), cleanup_kc=True)
     return notebook
 
 
@@ -93,12 +100,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--write", action="store_true", help="store the executed notebooks")
     run.add_argument("notebooks", nargs="*", type=Path)
     args = parser.parse_args(argv)
-    for path in args.notebooks or notebook_paths():
-        print(f"notebooks: executing {path.name}", flush=True)
-        executed = execute(path)
-        if args.write:
-            nbformat.write(executed, path)  # type: ignore[no-untyped-call]
-            print(f"notebooks: wrote {path}", flush=True)
+    with scratch_environment() as env:
+        for path in args.notebooks or notebook_paths():
+            print(f"notebooks: executing {path.name}", flush=True)
+            started = time.monotonic()
+            executed = execute(path, env)
+            print(f"notebooks: {path.name} ran in {time.monotonic() - started:.0f} s", flush=True)
+            if args.write:
+                nbformat.write(executed, path)  # type: ignore[no-untyped-call]
+                print(f"notebooks: wrote {path}", flush=True)
     return 0
 
 
