@@ -169,3 +169,14 @@ def demo(session: nox.Session) -> None:
     session.run("python", "-m", "trio_ktls", "probe")
     steps = " && ".join(shlex.join([str(python), *step]) for step in GUEST_DEMO_COMMAND)
     session.run(*LAB, "run", DEMO_KERNEL, "--", "sh", "-c", steps)
+
+
+@nox.session
+def notebooks(session: nox.Session) -> None:
+    """Execute every notebook in the default kernel guest (so the stored outputs show
+    real kTLS) and write the executed notebooks, outputs and plots included, back."""
+    python = _prepare_guest_venv(session)
+    session.run(
+        *LAB, "run", DEMO_KERNEL, "--rwdir=notebooks", "--timeout=3600", "--memory=3G", "--",
+        str(python), "tools/notebooks.py", "run", "--write",
+    )  # fmt: skip

@@ -23,6 +23,8 @@ from ._options import StreamOptions as StreamOptions
 from ._probe import CipherSupport as CipherSupport
 from ._probe import ProbeResult as ProbeResult
 from ._probe import probe as probe
+from ._report import HandoffReport as HandoffReport
+from ._report import HandshakeRecord as HandshakeRecord
 from ._stream import KTLSInfo as KTLSInfo
 from ._stream import KTLSStream as KTLSStream
 from ._version import __version__ as __version__
@@ -30,6 +32,8 @@ from ._version import __version__ as __version__
 __all__ = [
     "CipherSupport",
     "ConfidentialityLimitError",
+    "HandoffReport",
+    "HandshakeRecord",
     "KTLSInfo",
     "KTLSListener",
     "KTLSMode",

@@ -76,6 +76,7 @@ from ._keyschedule import (
     tls12_key_block,
     tls13_traffic_key_iv,
     tls_version_from_name,
+    tls_version_name,
 )
 from ._messages import (
     RECORD_HEADER_LENGTH,
@@ -87,6 +88,7 @@ from ._options import StreamOptions
 from ._probe import ulp_error_reason
 from ._reader import KernelReader
 from ._recordlayer import KernelRecordLayer
+from ._report import HandoffTrace
 from ._state import StreamStatus
 from ._ticket_relay import TicketRelay
 from ._writer import KernelWriter
@@ -157,6 +159,8 @@ class HandshakeObserver:
     server_random: bytes | None = None
     #: Type-23 records in the most recent batch of outgoing bytes.
     last_flush_protected_records: int = 0
+    #: What the handshake and handoff did, for ``ktls_info.handoff``.
+    trace: HandoffTrace = field(default_factory=HandoffTrace)
     #: Which sides (True: the client) have sent ChangeCipherSpec.
     _encrypting: set[bool] = field(default_factory=set)
 
@@ -172,6 +176,8 @@ class HandshakeObserver:
 
     def _look_at(self, content_type: int, body: bytes, *, ours: bool) -> None:
         from_client = ours != self.server_side
+        encrypted = content_type == ContentType.APPLICATION_DATA or from_client in self._encrypting
+        self.trace.record(sent=ours, content_type=content_type, body=body, encrypted=encrypted)
         if content_type == ContentType.CHANGE_CIPHER_SPEC:
             # TLS 1.2: what this side sends from now on (its Finished) is encrypted, and
             # its first byte means nothing. (TLS 1.3 encrypts inside type-23 records.)
@@ -278,7 +284,9 @@ def wipe_secrets(secrets: dict[str, bytearray]) -> None:
 CONNECTION_LOST: Final = "the TCP connection was lost before the TLS handshake began"
 
 
-def prepare(transport_stream: trio.abc.Stream, context: ssl.SSLContext) -> KeyLogTap | str:
+def prepare(
+    transport_stream: trio.abc.Stream, context: ssl.SSLContext, trace: HandoffTrace
+) -> KeyLogTap | str:
     """Step 1: attach the TLS ULP and tap ``context``'s key log, or say why not."""
     if not isinstance(transport_stream, trio.SocketStream):
         return (
@@ -288,9 +296,21 @@ def prepare(transport_stream: trio.abc.Stream, context: ssl.SSLContext) -> KeyLo
     try:
         _kernel.attach_ulp(transport_stream.socket)
     except OSError as exc:
+        trace.socket_option(_ATTACH_ULP, exc)
         # A trio.SocketStream was connected once; ENOTCONN now means the peer reset it.
         return CONNECTION_LOST if exc.errno == errno.ENOTCONN else ulp_error_reason(exc)
+    trace.socket_option(_ATTACH_ULP)
     return KeyLogTap.for_context(context)
+
+
+_ATTACH_ULP: Final = "setsockopt(IPPROTO_TCP, TCP_ULP, b'tls')"
+
+
+def _install_call(direction: str, keys: CryptoInfo, rec_seq: int) -> str:
+    """How an install shows in the report: the struct by size and kind, never its bytes."""
+    size = _kernel.crypto_info_size(keys.cipher)
+    what = f"{size}-byte crypto_info: {tls_version_name(keys.version)} {keys.cipher.name}"
+    return f"setsockopt(SOL_TLS, {direction}, <{what}, rec_seq {rec_seq}>)"
 
 
 def hand_off(
@@ -307,6 +327,7 @@ def hand_off(
     receive key. The key log's lines for this connection are taken and wiped either way.
     """
     ssl_object, observer = handshake.ssl_object, handshake.observer
+    trace = observer.trace
     transport = handshake.transport_stream
     assert isinstance(transport, trio.SocketStream)  # prepare() tapped only sockets
     version_name = ssl_object.version()
@@ -317,6 +338,7 @@ def hand_off(
     if observer.client_random is None:
         return "the ClientHello was not seen, so the key log cannot be matched"
     secrets = tap.take(observer.client_random)
+    trace.secrets.extend((label, len(secret)) for label, secret in secrets.items())
     try:
         if suite is None:
             return f"the kernel cannot offload {version_name} {cipher_name}"
@@ -333,21 +355,30 @@ def hand_off(
             return f"the key log did not give this connection's secrets: {exc}"
     finally:
         wipe_secrets(secrets)
+    trace.key_length = suite.key_length
+    trace.iv_length = _kernel.write_iv_size(suite.tls_version, keys.tx.cipher)
+    trace.tx_rec_seq, trace.rx_rec_seq = tx_seq, rx_seq
     sock = transport.socket
+    tx_call = _install_call("TLS_TX", keys.tx, tx_seq)
     try:
         _kernel.install_key(sock, _kernel.TLS_TX, keys.tx)
     except OSError as exc:
+        trace.socket_option(tx_call, exc)
         keys.wipe()
         why = os.strerror(exc.errno or 0)
         return f"the kernel refused the {cipher_name} transmit key: {why}"
+    trace.socket_option(tx_call)
+    rx_call = _install_call("TLS_RX", keys.rx, rx_seq)
     try:
         _kernel.install_key(sock, _kernel.TLS_RX, keys.rx)
     except OSError as exc:
+        trace.socket_option(rx_call, exc)
         keys.wipe()
         raise TLSProtocolError(
             "the kernel accepted the transmit key but refused the receive key "
             f"({os.strerror(exc.errno or 0)}); the connection cannot continue"
         ) from exc
+    trace.socket_option(rx_call)
     return _kernel_record_layer(
         handshake, transport, keys, status, options, (tx_seq, rx_seq), https_compatible
     )

@@ -25,6 +25,7 @@ from typing import Final, Protocol
 
 import trio
 
+from . import _kernel
 from ._keys import TrafficKeys
 from ._probe import zero_copy_send_file_works
 from ._reader import KernelReader
@@ -74,6 +75,9 @@ class RecordLayer(Protocol):
         ``https_compatible`` (which neither expects nor sends one), silent on failure."""
 
     async def update_keys(self, *, request_peer_update: bool) -> None: ...
+
+    def record_sequence_numbers(self) -> tuple[int, int] | None:
+        """``(TX, RX)`` sequence numbers of the next records, where they can be read."""
 
     async def wait_send_all_might_not_block(self) -> None: ...
 
@@ -186,6 +190,14 @@ class KernelRecordLayer:
             self._status.check()
             with _broken_on_os_error("sending KeyUpdate"):
                 await self._writer.rotate(request_peer_update=request_peer_update)
+
+    def record_sequence_numbers(self) -> tuple[int, int]:
+        sock, cipher = self._transport.socket, self._keys.tx.cipher
+        with _broken_on_os_error("reading the record sequence numbers"):
+            return (
+                _kernel.read_rec_seq(sock, _kernel.TLS_TX, cipher),
+                _kernel.read_rec_seq(sock, _kernel.TLS_RX, cipher),
+            )
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._transport.wait_send_all_might_not_block()

@@ -56,6 +56,7 @@ from ._handoff import CONNECTION_LOST, KeyLogTap, hand_off, prepare
 from ._handshake import Handshake
 from ._options import KTLSOptions, StreamOptions
 from ._recordlayer import RecordLayer
+from ._report import HandoffReport
 from ._state import State, StreamStatus
 from ._userspace import UserSpaceRecordLayer
 
@@ -112,6 +113,10 @@ class KTLSInfo:
     #: Whether ``send_file`` uses ``sendfile(2)`` (the file's bytes never enter Python)
     #: rather than reading the file and sending it like ``send_all``.
     zero_copy_send_file: bool = False
+    #: How the connection was handed over (or why it stayed in user space), step by
+    #: step: handshake records, secrets and keys by length only, first sequence numbers,
+    #: ``setsockopt`` calls.
+    handoff: HandoffReport | None = None
 
 
 class _ConflictDetector:
@@ -216,7 +221,7 @@ class KTLSStream(trio.abc.HalfCloseableStream):
         if self._options.ktls == "off":
             self._offload_reason = "kTLS is switched off for this stream (ktls='off')"
         else:
-            prepared = prepare(transport_stream, ssl_context)
+            prepared = prepare(transport_stream, ssl_context, self._handshake.observer.trace)
             if isinstance(prepared, str):
                 self._offload_reason = prepared
             else:
@@ -257,7 +262,23 @@ class KTLSStream(trio.abc.HalfCloseableStream):
             key_updates_sent=layer.key_updates_sent,
             key_updates_received=layer.key_updates_received,
             zero_copy_send_file=layer.zero_copy_send_file,
+            handoff=info.handoff,
         )
+
+    def record_sequence_numbers(self) -> tuple[int, int] | None:
+        """The kernel's record counters ``(TX, RX)``: the sequence number of the next
+        record it will send and receive under the current keys. Each restarts at 0 when
+        that direction's key changes (a KeyUpdate, RFC 8446 §5.3).
+
+        Read from the kernel (``getsockopt(SOL_TLS, TLS_TX/TLS_RX)``): two system calls
+        that copy the key structure, so call it now and then, not on every send. None
+        before the handshake and where the record layer stays in user space (OpenSSL
+        keeps its counters to itself). Raises `trio.ClosedResourceError` after
+        ``aclose``.
+        """
+        self._status.check_not_closed()
+        layer = self._layer
+        return None if layer is None else layer.record_sequence_numbers()
 
     @property
     def tickets_received(self) -> int:
@@ -345,6 +366,7 @@ class KTLSStream(trio.abc.HalfCloseableStream):
             version=ssl_object.version() or "unknown",
             cipher=cipher[0] if cipher else "unknown",
             reason=None if layer.offloaded else self._offload_reason,
+            handoff=self._handshake.observer.trace.report(),
         )
         if layer.offloaded:
             logger.debug("%s: %s %s offloaded to the kernel", self._peer, *_names(self._info))

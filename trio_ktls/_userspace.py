@@ -187,6 +187,10 @@ class UserSpaceRecordLayer:
             "way to send a KeyUpdate"
         )
 
+    def record_sequence_numbers(self) -> None:
+        """OpenSSL keeps its record counters to itself: there is nothing to read."""
+        return None
+
     async def wait_send_all_might_not_block(self) -> None:
         await self._transport.wait_send_all_might_not_block()
 

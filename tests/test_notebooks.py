@@ -1,0 +1,80 @@
+"""Every notebook in ``notebooks/`` runs top to bottom without an error (nbclient, in a
+fresh ipykernel on this interpreter: ``tools/notebooks.py``).
+
+On a host without kTLS they take the user-space path and say so; in the kernel matrix the
+``ktls`` variant runs them on every kernel line, and there no notebook may fall back to
+user space (each prints a line starting ``No kTLS here:`` when it does).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import nbformat
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import notebooks
+
+#: What a notebook prints when the kernel could not take its connections.
+FALLBACK_MARK = "No kTLS here:"
+
+NOTEBOOKS = notebooks.notebook_paths()
+WHERE = [pytest.param(False, id="here"), pytest.param(True, id="ktls", marks=pytest.mark.ktls)]
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[dict[str, str]]:
+    with notebooks.scratch_environment() as scratch:
+        yield scratch
+
+
+def _text_outputs(notebook: nbformat.NotebookNode) -> str:
+    texts = []
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            if output.output_type == "stream":
+                texts.append(output.text)
+            elif "data" in output:
+                texts.append(output.data.get("text/plain", ""))
+    return "\n".join(texts)
+
+
+def test_there_are_notebooks() -> None:
+    names = {path.name for path in NOTEBOOKS}
+    assert names == {
+        "what_can_this_kernel_do.ipynb",
+        "anatomy_of_a_handoff.ipynb",
+        "speed.ipynb",
+        "key_updates.ipynb",
+    }
+
+
+@pytest.mark.parametrize("with_ktls", WHERE)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
+def test_notebook_runs(path: Path, with_ktls: bool, env: dict[str, str]) -> None:
+    # CellExecutionError names the cell and carries its traceback.
+    executed = notebooks.execute(path, env)
+    errors = [
+        output
+        for cell in executed.cells
+        for output in cell.get("outputs", [])
+        if output.output_type == "error"
+    ]
+    assert not errors
+    if with_ktls:
+        assert FALLBACK_MARK not in _text_outputs(executed)
+
+
+def test_stored_notebooks_are_valid_and_executed() -> None:
+    """What is committed opens in Jupyter and shows its outputs: every code cell ran."""
+    for path in NOTEBOOKS:
+        notebook = nbformat.read(path, as_version=4)  # type: ignore[no-untyped-call]
+        nbformat.validate(notebook)
+        code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+        assert all(cell.execution_count for cell in code), path.name
+        assert not any(
+            output.output_type == "error" for cell in code for output in cell.outputs
+        ), path.name
