@@ -292,7 +292,7 @@ def byte_range(
         return start, size - start
     start = int(first)
     end = size - 1 if last == "" else int(last)
-    if end < start:
+    if last != "" and end < start:
         return None
     if start >= size:
         return "unsatisfiable"
@@ -450,6 +450,7 @@ class FileServer:
         status, headers, body = _error_reply(error)
         headers.append(("Connection", "close"))
         await _send_small(stream, connection, status, headers, body, "GET")
+        await _linger(stream)
         method, target = "-", "-"
         if error.request is not None:
             method = error.request.method.decode("ascii", "replace")
@@ -477,6 +478,22 @@ class FileServer:
             stream.ktls_info,
         )
         logger.info("%s", record.format(), extra={"access": record})
+
+
+#: How long, and how much, an error's close waits for and drops what the client still sends.
+_LINGER_SECONDS: Final = 2.0
+_LINGER_BYTES: Final = 1024 * 1024
+
+
+async def _linger(stream: KTLSStream) -> None:
+    """Close our side, then read and drop what the client is still sending for a moment:
+    closing with unread data would send a reset, and the client's TCP stack may then
+    drop our error response before the client reads it (RFC 9112 §9.6)."""
+    await stream.send_eof()
+    dropped = 0
+    with trio.move_on_after(_LINGER_SECONDS):
+        while dropped < _LINGER_BYTES and (data := await stream.receive_some(64 * 1024)):
+            dropped += len(data)
 
 
 def _peer(stream: KTLSStream) -> str:
