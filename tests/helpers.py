@@ -147,6 +147,10 @@ class ProcessOutput:
         while marker not in self.data:
             await self._changed.wait()
 
+    async def wait_until(self, condition: Callable[[bytes], bool]) -> None:
+        while not condition(bytes(self.data)):
+            await self._changed.wait()
+
 
 #: The two ways every stream test runs: user space on any host, and offloaded in the
 #: kernel matrix (where both directions must really be in the kernel).

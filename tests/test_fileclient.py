@@ -154,7 +154,7 @@ async def test_redirects_are_followed_only_when_asked(served: Path, ca_file: str
             await fetch(old, Collect(), ssl_context=context)
         body = Collect()
         result = await fetch(old, body, ssl_context=context, follow_redirects=True)
-        assert (result.url, body.data) == (target, b"small")
+        assert (result.url, bytes(body.data)) == (target, b"small")
         with pytest.raises(FetchError, match="HTTP 404 Not Found"):
             await fetch(target + "-missing", Collect(), ssl_context=context)
         nursery.cancel_scope.cancel()

@@ -81,17 +81,10 @@ def server_context(certificate: ServerCertificate, config: ServeConfig) -> ssl.S
     """The server's context, with the TLS version pinned if asked."""
     try:
         context = certificate.server_context()
-        fingerprint = certificate.fingerprint
     except (ssl.SSLError, ValueError) as exc:
         raise CommandError(f"cannot load the certificate and key: {exc}") from None
     if config.tls_version is not None:
         context.minimum_version = context.maximum_version = config.tls_version
-    what = (
-        f"self-signed certificate for {', '.join(certificate.names)}"
-        if certificate.names
-        else f"certificate {config.cert}"
-    )
-    logger.info("%s: SHA-256 fingerprint %s", what, fingerprint)
     return context
 
 
@@ -116,11 +109,18 @@ def serve(config: ServeConfig) -> int:
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     ktls = ktls_line(config.ktls)
-    context = server_context(load_certificate(config), config)
+    certificate = load_certificate(config)
+    context = server_context(certificate, config)
     try:
         groups = bind_sockets(config.host, config.port, workers=config.workers)
     except OSError as exc:
         raise CommandError(f"cannot listen on {config.host}:{config.port}: {exc}") from None
+    what = (
+        f"self-signed certificate for {', '.join(certificate.names)}"
+        if certificate.names
+        else f"certificate {config.cert}"
+    )
+    logger.info("%s: SHA-256 fingerprint %s", what, certificate.fingerprint)
     address = groups[0][0].getsockname()
     host = f"[{address[0]}]" if ":" in address[0] else address[0]
     logger.info(
