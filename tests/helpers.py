@@ -147,6 +147,10 @@ class ProcessOutput:
         while marker not in self.data:
             await self._changed.wait()
 
+    async def wait_until(self, condition: Callable[[bytes], bool]) -> None:
+        while not condition(bytes(self.data)):
+            await self._changed.wait()
+
 
 #: The two ways every stream test runs: user space on any host, and offloaded in the
 #: kernel matrix (where both directions must really be in the kernel).
@@ -471,3 +475,92 @@ class HostilePeer:
                         (plaintext[i], plaintext[i + 1]) for i in range(0, len(plaintext), 2)
                     ]
         return alerts
+
+
+# -- HTTP over kTLS: the file server (trio_ktls._fileserver) and raw clients -----------
+
+
+async def start_file_server(
+    nursery: trio.Nursery,
+    root: Path,
+    *,
+    version: str = "TLSv1.3",
+    ktls: KTLSMode = "off",
+    limits: Any = None,
+) -> int:
+    """``FileServer(root).handle`` on `serve_ktls_over_tcp` (the test certificate), in
+    ``nursery``; its port."""
+    from trio_ktls._fileserver import FileServer
+
+    handler = FileServer(root, limits=limits).handle
+    listeners = await nursery.start(
+        partial(
+            trio_ktls.serve_ktls_over_tcp,
+            handler,
+            0,
+            server_context(version),
+            host="127.0.0.1",
+            https_compatible=True,
+            ktls=ktls,
+        )
+    )
+    port: int = listeners[0].transport_listener.socket.getsockname()[1]
+    return port
+
+
+@dataclass
+class HTTPReply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+async def http_exchange(
+    stream: trio.abc.Stream,
+    connection: Any,
+    method: str,
+    target: str,
+    headers: Sequence[tuple[str, str]] = (),
+) -> HTTPReply:
+    """One request on a kept-alive h11 client ``connection``; the next cycle is started
+    when both sides allow it."""
+    import h11
+
+    request = h11.Request(method=method, target=target, headers=[("Host", HOSTNAME), *headers])
+    await stream.send_all(connection.send(request) + connection.send(h11.EndOfMessage()))
+    reply = HTTPReply(0, {}, b"")
+    body = bytearray()
+    while True:
+        event = connection.next_event()
+        if event is h11.NEED_DATA:
+            connection.receive_data(bytes(await stream.receive_some()))
+        elif isinstance(event, h11.Response):
+            reply.status = event.status_code
+            reply.headers = {k.decode(): v.decode() for k, v in event.headers}
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+            break
+    reply.body = bytes(body)
+    if connection.our_state is h11.DONE and connection.their_state is h11.DONE:
+        connection.start_next_cycle()
+    return reply
+
+
+async def raw_http(
+    port: int, data: bytes, *, version: str = "TLSv1.3", ktls: KTLSMode = "off"
+) -> bytes:
+    """Send ``data`` on a fresh TLS connection and read until the server closes."""
+    async with trio_ktls.open_ktls_stream(
+        "127.0.0.1",
+        port,
+        ssl_context=client_context(version),
+        server_hostname=HOSTNAME,
+        https_compatible=True,
+        ktls=ktls,
+    ) as stream:
+        await stream.send_all(data)
+        received = bytearray()
+        while chunk := await stream.receive_some():
+            received += chunk
+    return bytes(received)

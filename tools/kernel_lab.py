@@ -46,7 +46,9 @@ from pathlib import Path
 from typing import BinaryIO, Final
 from xml.etree import ElementTree
 
-HOST_PACKAGES = ("qemu-system-x86", "kmod", "busybox-static", "udev")
+# curl: `trio-ktls serve`'s interop tests and the demo download with it, in the guest too
+# (which sees the host's root filesystem).
+HOST_PACKAGES = ("qemu-system-x86", "kmod", "busybox-static", "udev", "curl")
 # The version every quirk in this file was checked against.
 VIRTME_NG_REQUIREMENT = "virtme-ng==1.42"
 DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
