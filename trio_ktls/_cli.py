@@ -12,8 +12,9 @@ import json
 import logging
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
+from typing import TypeVar
 
 import trio
 
@@ -52,34 +53,32 @@ tqdm is installed: pip install "trio_ktls[cli]").
 """
 
 
-def _positive_int(text: str) -> int:
+_N = TypeVar("_N", int, float)
+
+
+def _number(
+    text: str, convert: Callable[[str], _N], what: str, ok: Callable[[_N], bool], rule: str
+) -> _N:
+    """An argparse ``type``: ``text`` as a number that ``ok`` accepts."""
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{rule}, not {text}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _number(text, int, "a whole number", lambda v: v >= 1, "must be at least 1")
 
 
 def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, not {value}")
-    return value
+    return _number(text, int, "a port number", lambda v: 0 <= v <= 65535, "a port is 0 to 65535")
 
 
 def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
-    return value
+    return _number(text, float, "a number of seconds", lambda v: v > 0, "must be positive")
 
 
 def _pin(text: str) -> bytes:

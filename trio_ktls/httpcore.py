@@ -242,12 +242,7 @@ class KTLSBackend(httpcore.AsyncNetworkBackend):
         self._running_nursery()  # fail before connecting, not at start_tls
         with _mapped(_CONNECT, timeout):
             stream = await trio.open_tcp_stream(host, port, local_address=local_address)
-            try:
-                for option in socket_options or ():
-                    stream.setsockopt(*option)
-            except BaseException:
-                await trio.aclose_forcefully(stream)
-                raise
+            await _set_options(stream, socket_options)
         return KTLSNetworkStream(stream, self)
 
     async def connect_unix_socket(
@@ -261,14 +256,21 @@ class KTLSBackend(httpcore.AsyncNetworkBackend):
         self._running_nursery()
         with _mapped(_CONNECT, timeout):
             stream = await trio.open_unix_socket(path)
-            try:
-                for option in socket_options or ():
-                    stream.setsockopt(*option)
-            except BaseException:
-                await trio.aclose_forcefully(stream)
-                raise
+            await _set_options(stream, socket_options)
         return KTLSNetworkStream(stream, self)
 
     async def sleep(self, seconds: float) -> None:
         """`trio.sleep`."""
         await trio.sleep(seconds)
+
+
+async def _set_options(
+    stream: trio.SocketStream, socket_options: Iterable[httpcore.SOCKET_OPTION] | None
+) -> None:
+    """Apply httpcore's socket options; a refused one closes the new connection."""
+    try:
+        for option in socket_options or ():
+            stream.setsockopt(*option)
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
