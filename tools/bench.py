@@ -741,15 +741,34 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
         ("file: send_file / raw sendfile", mbs(files, "trio_ktls"), mbs(files, "raw_ktls")),
         ("file: send_file / openssl -WWW", mbs(files, "trio_ktls"), mbs(files, "openssl")),
     ]
-    setup = results.get("setup", {})
-    if "trio_ktls" in setup and "trio_sslstream" in setup:
-        pairs.append(
-            (
-                "setup: trio_ktls / trio.SSLStream (time)",
-                setup["trio_ktls"]["ms per connection"]["median"],
-                setup["trio_sslstream"]["ms per connection"]["median"],
+    for name, key in (("bulk", "server CPU s/GiB"), ("file", "server CPU s/GiB")):
+        table = results.get(name, {})
+        if "trio_ktls" in table and "raw_ktls" in table and key in table["trio_ktls"]:
+            pairs.append(
+                (
+                    f"{name}: trio_ktls / raw kTLS ({key})",
+                    table["trio_ktls"][key]["median"],
+                    table["raw_ktls"][key]["median"],
+                )
             )
-        )
+    # Against trio.SSLStream: times and sizes, so below 1 is better.
+    for workload, key in (
+        ("setup", "ms per connection"),
+        ("concurrent-setup", "ms per connection"),
+        ("echo", "median ms"),
+        ("echo", "p99 ms"),
+        ("memory", "KiB per connection (server)"),
+        ("memory", "KiB per connection (client)"),
+    ):
+        table = results.get(workload, {})
+        if "trio_ktls" in table and "trio_sslstream" in table:
+            pairs.append(
+                (
+                    f"{workload}: trio_ktls / trio.SSLStream ({key})",
+                    table["trio_ktls"][key]["median"],
+                    table["trio_sslstream"][key]["median"],
+                )
+            )
     for name, a, b in pairs:
         if a and b:
             found[name] = a / b
