@@ -92,20 +92,43 @@ class KernelWriter:
     async def send_data(self, data: bytes | bytearray | memoryview) -> None:
         # The hot path: one send per chunk, and no await for the budget or for pending
         # KeyUpdates unless there is something to do.
+        #
+        # trio sets TCP_NOTSENT_LOWAT to 16 KiB on its TCP sockets, and the TLS layer
+        # honours it (tls_sw_sendmsg stops once that much is unsent), so against a peer
+        # that reads slower than we write every send would take about one record and
+        # then wait for writability: a wake-up per 16 KiB. Once a send comes back short
+        # the mark is lifted for the rest of this call, so the kernel takes as much as
+        # the send buffer holds, and restored before returning, so that
+        # ``wait_send_all_might_not_block`` keeps trio's meaning. Short writes (the
+        # usual case for small messages) never touch it.
         view = memoryview(data).cast("B")
         budget = self._budget
-        while view:
-            if self._pending is not None:
-                await self.service_pending()
-            if budget.limit is None or budget.bound + _CHUNK_RECORDS < budget.limit - 1:
-                size = CHUNK
-            else:
-                size = min(CHUNK, await self._records_left() * MAX_PLAINTEXT)
-            sent = await self._sock.send(view[:size])
-            budget.charge(-(-sent // MAX_PLAINTEXT))  # ceil
-            view = view[sent:]
+        saved_lowat: int | None = None
+        try:
+            while view:
+                if self._pending is not None:
+                    await self.service_pending()
+                if budget.limit is None or budget.bound + _CHUNK_RECORDS < budget.limit - 1:
+                    size = CHUNK
+                else:
+                    size = min(CHUNK, await self._records_left() * MAX_PLAINTEXT)
+                sent = await self._sock.send(view[:size])
+                budget.charge(-(-sent // MAX_PLAINTEXT))  # ceil
+                view = view[sent:]
+                if view and sent < size and saved_lowat is None:
+                    saved_lowat = self._set_lowat(_NO_LOWAT)
+        finally:
+            if saved_lowat is not None:
+                with contextlib.suppress(OSError):  # a broken socket is reported elsewhere
+                    self._set_lowat(saved_lowat)
         if self._pending is not None:
             await self.service_pending()
+
+    def _set_lowat(self, value: int) -> int:
+        """Set ``TCP_NOTSENT_LOWAT``; the previous value."""
+        previous = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, value)
+        return previous
 
     async def send_file(self, fd: int, offset: int, count: int) -> None:
         """``count`` bytes of a regular file from ``offset`` with ``sendfile(2)``: the
@@ -128,8 +151,7 @@ class KernelWriter:
         which makes TCP push what it holds.
         """
         sock_fd = self._sock.fileno()
-        saved_lowat = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _NO_LOWAT)
+        saved_lowat = self._set_lowat(_NO_LOWAT)
         try:
             while count:
                 await self.service_pending()
@@ -152,7 +174,7 @@ class KernelWriter:
         finally:
             with contextlib.suppress(OSError):  # a broken socket is reported elsewhere
                 self._push()
-                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, saved_lowat)
+                self._set_lowat(saved_lowat)
         await self.service_pending()
 
     def _push(self) -> None:
