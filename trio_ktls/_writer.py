@@ -47,6 +47,8 @@ _CHUNK_RECORDS: Final = CHUNK // MAX_PLAINTEXT
 SENDFILE_CHUNK: Final = 1024 * 1024
 #: Records per chunk when no limit is near (any figure above CHUNK / MAX_PLAINTEXT).
 _UNLIMITED: Final = 1 << 40
+#: ``TCP_NOTSENT_LOWAT`` of an offloaded stream (see `KernelWriter.raise_low_water_mark`).
+NOTSENT_LOWAT: Final = 256 * 1024
 #: ``TCP_NOTSENT_LOWAT`` for "no low-water mark" (UINT_MAX, the sysctl's default).
 _NO_LOWAT: Final = -1
 #: sendfile hands the TLS layer page-cache pages, and a record may end at a page
@@ -92,37 +94,37 @@ class KernelWriter:
     async def send_data(self, data: bytes | bytearray | memoryview) -> None:
         # The hot path: one send per chunk, and no await for the budget or for pending
         # KeyUpdates unless there is something to do.
-        #
-        # trio sets TCP_NOTSENT_LOWAT to 16 KiB on its TCP sockets, and the TLS layer
-        # honours it (tls_sw_sendmsg stops once that much is unsent), so against a peer
-        # that reads slower than we write every send would take about one record and
-        # then wait for writability: a wake-up per 16 KiB. Once a send comes back short
-        # the mark is lifted for the rest of this call, so the kernel takes as much as
-        # the send buffer holds, and restored before returning, so that
-        # ``wait_send_all_might_not_block`` keeps trio's meaning. Short writes (the
-        # usual case for small messages) never touch it.
         view = memoryview(data).cast("B")
         budget = self._budget
-        saved_lowat: int | None = None
-        try:
-            while view:
-                if self._pending is not None:
-                    await self.service_pending()
-                if budget.limit is None or budget.bound + _CHUNK_RECORDS < budget.limit - 1:
-                    size = CHUNK
-                else:
-                    size = min(CHUNK, await self._records_left() * MAX_PLAINTEXT)
-                sent = await self._sock.send(view[:size])
-                budget.charge(-(-sent // MAX_PLAINTEXT))  # ceil
-                view = view[sent:]
-                if view and sent < size and saved_lowat is None:
-                    saved_lowat = self._set_lowat(_NO_LOWAT)
-        finally:
-            if saved_lowat is not None:
-                with contextlib.suppress(OSError):  # a broken socket is reported elsewhere
-                    self._set_lowat(saved_lowat)
+        while view:
+            if self._pending is not None:
+                await self.service_pending()
+            if budget.limit is None or budget.bound + _CHUNK_RECORDS < budget.limit - 1:
+                size = CHUNK
+            else:
+                size = min(CHUNK, await self._records_left() * MAX_PLAINTEXT)
+            sent = await self._sock.send(view[:size])
+            budget.charge(-(-sent // MAX_PLAINTEXT))  # ceil
+            view = view[sent:]
         if self._pending is not None:
             await self.service_pending()
+
+    def raise_low_water_mark(self) -> None:
+        """Raise trio's ``TCP_NOTSENT_LOWAT`` of 16 KiB to `NOTSENT_LOWAT` (never lower
+        a larger one), once, at the handoff.
+
+        The TLS layer honours the mark (``tls_sw_sendmsg`` stops once that much is
+        unsent, and poll reports writable below half of it). At 16 KiB, one record, a
+        bulk sender ahead of its peer sent about a record per wake-up, and a ``send_all``
+        that found the queue full waited for it to drain almost completely before it
+        wrote again: the pipe ran dry once per call. At 256 KiB each wake-up moves
+        several chunks, while unsent data stays bounded, which is what trio's mark is
+        for (``wait_send_all_might_not_block`` keeps its meaning). It bounds only what
+        TCP has not sent yet; data in flight is not limited by it.
+        """
+        with contextlib.suppress(OSError):  # not TCP, or already broken: keep trio's
+            if self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) < NOTSENT_LOWAT:
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
 
     def _set_lowat(self, value: int) -> int:
         """Set ``TCP_NOTSENT_LOWAT``; the previous value."""
