@@ -13,8 +13,8 @@ So one *reader task* per stream loops on ``recvmsg``:
 - Data records fill a bounded buffer (``max_receive_buffer``) that `receive` drains. When
   it is full the reader stops reading, so TCP flow control reaches the peer. The buffer is
   a queue of the ``bytes`` objects ``recvmsg`` returned: `receive` hands one out as it is
-  when it fits, so a received byte is copied once in user space (kernel to ``bytes``),
-  and only a chunk larger than ``max_bytes`` is cut.
+  when it fits, so a received byte is copied once in user space (kernel to ``bytes``);
+  a chunk larger than ``max_bytes`` is handed out in slices, each copied once.
 - The lean path: a `receive` that finds the buffer empty while the reader task is idle
   (waiting for the socket, holding no record) calls ``recvmsg`` itself, on its own turn.
   Data goes straight to the caller, with no hop through the reader task and no second
@@ -81,8 +81,9 @@ from ._state import StreamStatus
 from ._ticket_relay import TicketRelay
 from ._writer import KernelWriter
 
-#: Bytes asked of the kernel per ``recvmsg``: four full records.
-RECV_SIZE: Final = 64 * 1024
+#: Bytes the reader task asks of the kernel per ``recvmsg`` (sixteen full records: the
+#: default buffer bound), within the room left in the buffer.
+RECV_SIZE: Final = 256 * 1024
 #: The least a data read asks for (one full record), even when the buffer is nearly full.
 _MIN_READ: Final = 16 * 1024
 _TLS13: Final = ssl.TLSVersion.TLSv1_3
@@ -117,6 +118,7 @@ class KernelReader:
         self._max_buffer = max_buffer
         self._ticket_relay = ticket_relay
         self._chunks: deque[bytes] = deque()
+        self._offset = 0  # of the first chunk's bytes not yet handed out
         self._buffered = 0
         self._eof = False
         self._running = False
@@ -153,22 +155,28 @@ class KernelReader:
                 return b""
             if not self._running:
                 raise trio.BrokenResourceError("the stream's reader task is no longer running")
-            if self._read_directly():
+            if self._read_directly(max_bytes):
                 break
             await self._data_waiters.park()
             parked = True
-        data = self._chunks[0]
-        if len(data) <= max_bytes:
-            self._chunks.popleft()
+        # The first chunk is handed out from `_offset` on: a slice copies only what is
+        # returned, never the rest of a large chunk.
+        chunk, start = self._chunks[0], self._offset
+        end = start + max_bytes
+        if end < len(chunk):
+            data = chunk[start:end]
+            self._offset = end
         else:
-            data, self._chunks[0] = data[:max_bytes], data[max_bytes:]
+            data = chunk[start:] if start else chunk
+            self._chunks.popleft()
+            self._offset = 0
         self._buffered -= len(data)
         self._room_waiters.unpark_all()
         if not parked:  # parking was this call's scheduling point; else it needs one
             await trio.lowlevel.cancel_shielded_checkpoint()
         return data
 
-    def _read_directly(self) -> bool:
+    def _read_directly(self, max_bytes: int) -> bool:
         """The lean path: read on the caller's turn while the reader task is idle; True
         when data was buffered. Synchronous, so a cancelled `receive` cannot lose what it
         read: the data is in the buffer before anything can be cancelled."""
@@ -178,7 +186,7 @@ class KernelReader:
         if self._sock.fileno() < 0:  # closed under us: the reader task reports it
             return False
         try:
-            received = view.recvmsg(self._read_size(), _kernel.RECORD_TYPE_CMSG_SPACE)
+            received = view.recvmsg(self._read_size(max_bytes), _kernel.RECORD_TYPE_CMSG_SPACE)
         except BlockingIOError:
             return False
         except OSError as exc:
@@ -202,8 +210,12 @@ class KernelReader:
             self._wait_scope.cancel()
         self._room_waiters.unpark_all()
 
-    def _read_size(self) -> int:
-        return max(min(RECV_SIZE, self._max_buffer - self._buffered), _MIN_READ)
+    def _read_size(self, wanted: int = RECV_SIZE) -> int:
+        """How much one ``recvmsg`` asks for: what is wanted, within the buffer's bound,
+        and never less than one full record. Large reads matter: the kernel decrypts as
+        many queued records as fit in one call, and each call costs a scheduling round.
+        """
+        return max(min(wanted, self._max_buffer - self._buffered), _MIN_READ)
 
     def _take_data(self, data: bytes) -> None:
         """Buffer a data record's plaintext (already read) and count its records."""
