@@ -418,6 +418,7 @@ def _kernel_record_layer(
             keys.suite, rx_secret, handshake.ssl_object, handshake.incoming, handshake.outgoing
         )
     writer = KernelWriter(sock, keys, tx_budget)
+    writer.raise_low_water_mark()
     reader = KernelReader(
         sock,
         writer,

@@ -5,11 +5,19 @@ Theory of operation
 The user's ``ssl.SSLContext`` drives an ``ssl.SSLObject`` over two ``MemoryBIO``\\s,
 exactly like ``trio.SSLStream``, with two differences:
 
-- The socket is read *one record at a time*: the 5-byte header (RFC 8446 §5.1), then
-  exactly the body it announces. When OpenSSL says the handshake is done, no byte the peer
-  sent after its last handshake record sits in user space, so the kernel, once it has the
-  keys, reads the next record from its first byte. (Records the peer sends right after
-  its Finished stay queued in the socket; the kernel decrypts them.)
+- The socket is read *one record at a time*: OpenSSL gets one whole record (the 5-byte
+  header, RFC 8446 §5.1, and exactly the body it announces) per ``do_handshake()`` call.
+  When OpenSSL says the handshake is done, no byte the peer sent after its last
+  handshake record sits in user space, so the kernel, once it has the keys, reads the
+  next record from its first byte. (Records the peer sends right after its Finished stay
+  queued in the socket; the kernel decrypts them.)
+- Over a socket, a flight costs two reads, not two per record: `_SocketRecords` *peeks*
+  at everything queued (``MSG_PEEK``), hands OpenSSL the whole records it finds one at a
+  time, and then takes from the socket exactly the bytes of the records OpenSSL got. A
+  TLS 1.3 server flight (ServerHello, ChangeCipherSpec, then four protected records from
+  OpenSSL) is six records: twelve reads and scheduling rounds record by record, two here.
+  A peek that holds no whole record falls back to reading one record outright, so a
+  record that arrives in pieces never makes the loop spin on a readable socket.
 - Every record both ways is shown to the `HandshakeObserver` (``_handoff``), which picks
   out the client and server randoms and counts the protected records of our last flush:
   the key log is matched by client_random, and a TLS 1.3 server's first transmit sequence
@@ -22,6 +30,7 @@ the failure into a broken stream.
 from __future__ import annotations
 
 import contextlib
+import socket
 import ssl
 from typing import Final
 
@@ -30,6 +39,27 @@ import trio
 from ._errors import TLSDecodeError
 from ._handoff import HandshakeObserver
 from ._messages import RECORD_HEADER_LENGTH, parse_record_header
+
+#: The most a peek at the queued handshake records takes (a flight is usually far less).
+_PEEK_SIZE: Final = 64 * 1024
+
+
+def _whole_records(queued: bytes) -> list[bytes]:
+    """The whole records at the start of ``queued``; a record header that cannot be
+    right breaks the handshake, as in `Handshake._receive_record`."""
+    records = []
+    start = 0
+    while len(queued) - start >= RECORD_HEADER_LENGTH:
+        try:
+            length = parse_record_header(queued[start : start + RECORD_HEADER_LENGTH]).length
+        except TLSDecodeError as exc:
+            raise trio.BrokenResourceError(f"TLS handshake failed: {exc}") from exc
+        end = start + RECORD_HEADER_LENGTH + length
+        if end > len(queued):
+            break
+        records.append(queued[start:end])
+        start = end
+    return records
 
 
 class Handshake:
@@ -61,25 +91,76 @@ class Handshake:
 
     async def run(self) -> None:
         """Handshake to the end; raises `ssl.SSLError` or `trio.BrokenResourceError`."""
+        done = await self._step()
         while True:
-            try:
-                self.ssl_object.do_handshake()
-                done = True
-            except ssl.SSLWantReadError:
-                done = False
-            except ssl.SSLError:
-                # OpenSSL queued an alert for the peer; send it before failing.
-                await self._flush_best_effort()
-                raise
             out = self.outgoing.read()
             self.observer.outgoing(out)
             if out:
                 await self.transport_stream.send_all(out)
             if done:
                 return
-            record = await self._receive_record()
+            if isinstance(self.transport_stream, trio.SocketStream):
+                try:
+                    done = await self._feed_queued_records(self.transport_stream.socket)
+                except OSError as exc:  # as trio.SocketStream.receive_some reports it
+                    raise trio.BrokenResourceError(f"receiving failed: {exc}") from exc
+            else:
+                done = await self._feed(await self._receive_record())
+
+    async def _step(self) -> bool:
+        """One ``do_handshake()``: whether the handshake is done."""
+        try:
+            self.ssl_object.do_handshake()
+        except ssl.SSLWantReadError:
+            return False
+        except ssl.SSLError:
+            # OpenSSL queued an alert for the peer; send it before failing.
+            await self._flush_best_effort()
+            raise
+        return True
+
+    async def _feed(self, record: bytes) -> bool:
+        self.observer.incoming(record)
+        self.incoming.write(record)
+        return await self._step()
+
+    async def _feed_queued_records(self, sock: trio.socket.SocketType) -> bool:
+        """Give OpenSSL the whole records queued in the socket, one at a time, until the
+        handshake is done or they run out; then take exactly those bytes from the socket.
+        """
+        records = _whole_records(await sock.recv(_PEEK_SIZE, socket.MSG_PEEK))
+        if not records:  # no whole record yet, or end of stream: one record outright
+            return await self._feed(await self._receive_record())
+        fed = 0
+        done = False
+        failure: ssl.SSLError | None = None
+        for record in records:
+            fed += len(record)
             self.observer.incoming(record)
             self.incoming.write(record)
+            try:
+                self.ssl_object.do_handshake()
+            except ssl.SSLWantReadError:
+                continue
+            except ssl.SSLError as exc:
+                failure = exc
+                break
+            done = True
+            break
+        await self._discard(sock, fed)
+        if failure is not None:
+            # OpenSSL queued an alert for the peer; send it before failing.
+            await self._flush_best_effort()
+            raise failure
+        return done
+
+    async def _discard(self, sock: trio.socket.SocketType, size: int) -> None:
+        """Take ``size`` bytes that were peeked (so they are queued) from the socket."""
+        while size:
+            taken = await sock.recv(size)
+            if not taken:
+                raise trio.BrokenResourceError("the peer closed the connection mid-handshake")
+            size -= len(taken)
 
     @property
     def holds_unread_bytes(self) -> bool:

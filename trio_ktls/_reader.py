@@ -13,8 +13,19 @@ So one *reader task* per stream loops on ``recvmsg``:
 - Data records fill a bounded buffer (``max_receive_buffer``) that `receive` drains. When
   it is full the reader stops reading, so TCP flow control reaches the peer. The buffer is
   a queue of the ``bytes`` objects ``recvmsg`` returned: `receive` hands one out as it is
-  when it fits, so a received byte is copied once in user space (kernel to ``bytes``),
-  and only a chunk larger than ``max_bytes`` is cut.
+  when it fits, so a received byte is copied once in user space (kernel to ``bytes``);
+  a chunk larger than ``max_bytes`` is handed out in slices, each copied once.
+- The lean path: a `receive` that finds the buffer empty while the reader task is idle
+  (waiting for the socket, holding no record) calls ``recvmsg`` itself, on its own turn.
+  Data goes straight to the caller, with no hop through the reader task and no second
+  wake-up; anything else it reads (a control record, end of stream, an error) it leaves to
+  the reader task (`_hand_over`). In a bulk transfer most data takes this path; the
+  reader task still reads whenever the application does not (control records are handled
+  while the application only sends, and data is read ahead up to the bound).
+- Both read with the socket's own non-blocking ``recvmsg`` (a view of the descriptor,
+  `_SocketView`), not trio's wrapper, whose every call is a scheduling round: the reader
+  waits with ``wait_readable`` only when the kernel has nothing, and yields every
+  ``_READS_PER_TURN`` reads so it never starves other tasks.
 - Alerts: close_notify is end of stream; user_canceled and TLS 1.2 warnings are ignored;
   anything else is fatal (RFC 8446 §6.2).
 - Handshake messages (reassembled across records, RFC 8446 §5.1): NewSessionTicket goes to
@@ -39,8 +50,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import socket
 import ssl
 from collections import deque
+from collections.abc import Iterator
 from typing import Final
 
 import trio
@@ -68,11 +81,17 @@ from ._state import StreamStatus
 from ._ticket_relay import TicketRelay
 from ._writer import KernelWriter
 
-#: Bytes asked of the kernel per ``recvmsg``: four full records.
-RECV_SIZE: Final = 64 * 1024
+#: Bytes the reader task asks of the kernel per ``recvmsg`` (sixteen full records: the
+#: default buffer bound), within the room left in the buffer.
+RECV_SIZE: Final = 256 * 1024
 #: The least a data read asks for (one full record), even when the buffer is nearly full.
 _MIN_READ: Final = 16 * 1024
 _TLS13: Final = ssl.TLSVersion.TLSv1_3
+#: Reads the reader task makes in a row before it lets other tasks run.
+_READS_PER_TURN: Final = 16
+
+#: What one ``recvmsg`` returned (data, ancillary data, flags, address), or its error.
+_Received = tuple[bytes, list[tuple[int, int, bytes]], int, object]
 
 
 class KernelReader:
@@ -99,6 +118,7 @@ class KernelReader:
         self._max_buffer = max_buffer
         self._ticket_relay = ticket_relay
         self._chunks: deque[bytes] = deque()
+        self._offset = 0  # of the first chunk's bytes not yet handed out
         self._buffered = 0
         self._eof = False
         self._running = False
@@ -107,7 +127,14 @@ class KernelReader:
         self._room_waiters = trio.lowlevel.ParkingLot()
         self._reassembler = HandshakeReassembler()
         self._peer_update_requested = False
+        self._peer_update_due = False
         self.key_updates_received = 0
+        # The lean path (see the module doc): the socket view while `run` runs, whether the
+        # reader task is idle, what a direct read left for it, and how to wake it.
+        self._view: socket.socket | None = None
+        self._idle = False
+        self._handed_over: _Received | OSError | None = None
+        self._wait_scope: trio.CancelScope | None = None
 
     @property
     def tickets_received(self) -> int:
@@ -128,18 +155,74 @@ class KernelReader:
                 return b""
             if not self._running:
                 raise trio.BrokenResourceError("the stream's reader task is no longer running")
+            if self._read_directly(max_bytes):
+                break
             await self._data_waiters.park()
             parked = True
-        data = self._chunks[0]
-        if len(data) <= max_bytes:
-            self._chunks.popleft()
+        # The first chunk is handed out from `_offset` on: a slice copies only what is
+        # returned, never the rest of a large chunk.
+        chunk, start = self._chunks[0], self._offset
+        end = start + max_bytes
+        if end < len(chunk):
+            data = chunk[start:end]
+            self._offset = end
         else:
-            data, self._chunks[0] = data[:max_bytes], data[max_bytes:]
+            data = chunk[start:] if start else chunk
+            self._chunks.popleft()
+            self._offset = 0
         self._buffered -= len(data)
         self._room_waiters.unpark_all()
         if not parked:  # parking was this call's scheduling point; else it needs one
             await trio.lowlevel.cancel_shielded_checkpoint()
         return data
+
+    def _read_directly(self, max_bytes: int) -> bool:
+        """The lean path: read on the caller's turn while the reader task is idle; True
+        when data was buffered. Synchronous, so a cancelled `receive` cannot lose what it
+        read: the data is in the buffer before anything can be cancelled."""
+        view = self._view
+        if view is None or not self._idle or self._handed_over is not None:
+            return False
+        if self._sock.fileno() < 0:  # closed under us: the reader task reports it
+            return False
+        try:
+            received = view.recvmsg(self._read_size(max_bytes), _kernel.RECORD_TYPE_CMSG_SPACE)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            self._hand_over(exc)
+            return False
+        data = received[0]
+        if (
+            not data
+            or _kernel.record_type_from_ancdata(received[1]) != ContentType.APPLICATION_DATA
+        ):
+            self._hand_over(received)  # end of stream, a control record: the reader's job
+            return False
+        self._take_data(data)
+        return True
+
+    def _hand_over(self, received: _Received | OSError) -> None:
+        """Give the reader task what a direct read found and wake it."""
+        self._handed_over = received
+        self._idle = False
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()
+        self._room_waiters.unpark_all()
+
+    def _read_size(self, wanted: int = RECV_SIZE) -> int:
+        """How much one ``recvmsg`` asks for: what is wanted, within the buffer's bound,
+        and never less than one full record. Large reads matter: the kernel decrypts as
+        many queued records as fit in one call, and each call costs a scheduling round.
+        """
+        return max(min(wanted, self._max_buffer - self._buffered), _MIN_READ)
+
+    def _take_data(self, data: bytes) -> None:
+        """Buffer a data record's plaintext (already read) and count its records."""
+        self._chunks.append(data)
+        self._buffered += len(data)
+        self._charge(len(data))
+        self.wake()
 
     def wake(self) -> None:
         """Let parked receivers look at the stream's state again."""
@@ -154,46 +237,73 @@ class KernelReader:
 
     async def run(self) -> None:
         self._running = True
+        # A view of the stream's descriptor for synchronous non-blocking reads. It does
+        # not own the descriptor: it is detached, never closed, when the task ends, and
+        # `_read_directly` checks that the trio socket is still open before each use.
+        self._view = socket.socket(fileno=self._sock.fileno())
         try:
             with self._scope:
                 await self._loop()
         except Exception as exc:  # surfaced by the stream's next call
             self._status.fail(exc)
         finally:
+            self._view.detach()
+            self._view = None
+            self._idle = False
             self._running = False
             self.wake()
 
     async def _loop(self) -> None:
-        sock = self._sock
+        assert self._view is not None
+        view = self._view
         cmsg_space = _kernel.RECORD_TYPE_CMSG_SPACE
+        reads = 0
         while True:
-            while self._buffered >= self._max_buffer:
-                await self._room_waiters.park()
-            size = max(min(RECV_SIZE, self._max_buffer - self._buffered), _MIN_READ)
-            try:
-                data, ancdata, flags, _ = await sock.recvmsg(size, cmsg_space)
-            except OSError as exc:
-                await self._on_receive_error(exc)
+            if self._peer_update_due:
+                self._peer_update_due = False
+                await self._request_peer_update()
+            received = self._handed_over
+            self._handed_over = None
+            if received is None:
+                if self._buffered >= self._max_buffer:
+                    with self._idling():
+                        await self._room_waiters.park()
+                    continue
+                if reads >= _READS_PER_TURN:
+                    reads = 0
+                    with self._idling():
+                        await trio.lowlevel.checkpoint()
+                    continue
+                try:
+                    received = view.recvmsg(self._read_size(), cmsg_space)
+                except BlockingIOError:
+                    reads = 0
+                    await self._wait_readable()
+                    continue
+                except OSError as exc:
+                    received = exc
+                reads += 1
+            if isinstance(received, OSError):
+                await self._on_receive_error(received)
                 return
+            data, ancdata, flags, _ = received
             record_type = _kernel.record_type_from_ancdata(ancdata)
             if record_type is None:
                 if data:
                     raise TLSProtocolError("the kernel returned data without a record type")
                 self._on_transport_eof()
                 return
-            await self._count_received(len(data))
             if record_type == ContentType.APPLICATION_DATA:
                 if data:  # an empty data record is legal (RFC 8446 §5.1) and carries nothing
-                    self._chunks.append(data)
-                    self._buffered += len(data)
-                    self.wake()
+                    self._take_data(data)
                 continue
+            self._charge(len(data))
             # A control record can come back in pieces when it is larger than our buffer;
             # MSG_EOR marks its last piece (tls.rst).
             record = bytearray(data)
             while not flags & _kernel.MSG_EOR and data:
                 try:
-                    data, _, flags, _ = await sock.recvmsg(RECV_SIZE, cmsg_space)
+                    data, _, flags, _ = await self._receive_more(cmsg_space)
                 except OSError as exc:
                     await self._on_receive_error(exc)
                     return
@@ -211,8 +321,33 @@ class KernelReader:
             if self._status.failure is not None:
                 return
 
-    async def _count_received(self, nbytes: int) -> None:
-        """Ask the peer for new keys well before its records reach their limit.
+    @contextlib.contextmanager
+    def _idling(self) -> Iterator[None]:
+        """The reader holds no record meanwhile, so `receive` may read directly."""
+        self._idle = True
+        try:
+            yield
+        finally:
+            self._idle = False
+
+    async def _wait_readable(self) -> None:
+        """Wait for the kernel to have something, or for `_hand_over`."""
+        with trio.CancelScope() as self._wait_scope, self._idling():
+            await trio.lowlevel.wait_readable(self._sock)
+        self._wait_scope = None
+
+    async def _receive_more(self, cmsg_space: int) -> _Received:
+        """The next piece of a control record (the reader is not idle meanwhile)."""
+        assert self._view is not None
+        while True:
+            try:
+                return self._view.recvmsg(RECV_SIZE, cmsg_space)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self._sock)
+
+    def _charge(self, nbytes: int) -> None:
+        """Count the peer's records; past ``request_peer_rekey_after_records`` have the
+        reader task ask the peer for new keys.
 
         Each record carried at least one byte, except empty ones, so ``nbytes + 1`` per
         read bounds the count (RFC 8446 §5.5; the request is a KeyUpdate with
@@ -222,8 +357,17 @@ class KernelReader:
         if budget.limit is None or self._peer_update_requested:
             return
         budget.charge(nbytes + 1)
-        if budget.reached(budget.limit) and await self._keys.can_update():
-            self._peer_update_requested = True
+        if budget.reached(budget.limit) and not self._peer_update_due:
+            self._peer_update_due = True
+            if self._wait_scope is not None:
+                self._wait_scope.cancel()
+
+    async def _request_peer_update(self) -> None:
+        if self._peer_update_requested:
+            return
+        # Asked once per peer key; where updates are impossible, never asked.
+        self._peer_update_requested = True
+        if await self._keys.can_update():
             await self._update_soon(request_peer_update=True)
 
     def _on_transport_eof(self) -> None:

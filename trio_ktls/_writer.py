@@ -47,6 +47,8 @@ _CHUNK_RECORDS: Final = CHUNK // MAX_PLAINTEXT
 SENDFILE_CHUNK: Final = 1024 * 1024
 #: Records per chunk when no limit is near (any figure above CHUNK / MAX_PLAINTEXT).
 _UNLIMITED: Final = 1 << 40
+#: ``TCP_NOTSENT_LOWAT`` of an offloaded stream (see `KernelWriter.raise_low_water_mark`).
+NOTSENT_LOWAT: Final = 256 * 1024
 #: ``TCP_NOTSENT_LOWAT`` for "no low-water mark" (UINT_MAX, the sysctl's default).
 _NO_LOWAT: Final = -1
 #: sendfile hands the TLS layer page-cache pages, and a record may end at a page
@@ -107,6 +109,29 @@ class KernelWriter:
         if self._pending is not None:
             await self.service_pending()
 
+    def raise_low_water_mark(self) -> None:
+        """Raise trio's ``TCP_NOTSENT_LOWAT`` of 16 KiB to `NOTSENT_LOWAT` (never lower
+        a larger one), once, at the handoff.
+
+        The TLS layer honours the mark (``tls_sw_sendmsg`` stops once that much is
+        unsent, and poll reports writable below half of it). At 16 KiB, one record, a
+        bulk sender ahead of its peer sent about a record per wake-up, and a ``send_all``
+        that found the queue full waited for it to drain almost completely before it
+        wrote again: the pipe ran dry once per call. At 256 KiB each wake-up moves
+        several chunks, while unsent data stays bounded, which is what trio's mark is
+        for (``wait_send_all_might_not_block`` keeps its meaning). It bounds only what
+        TCP has not sent yet; data in flight is not limited by it.
+        """
+        with contextlib.suppress(OSError):  # not TCP, or already broken: keep trio's
+            if self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) < NOTSENT_LOWAT:
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+
+    def _set_lowat(self, value: int) -> int:
+        """Set ``TCP_NOTSENT_LOWAT``; the previous value."""
+        previous = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, value)
+        return previous
+
     async def send_file(self, fd: int, offset: int, count: int) -> None:
         """``count`` bytes of a regular file from ``offset`` with ``sendfile(2)``: the
         kernel reads the page cache and encrypts; the bytes never enter Python.
@@ -128,8 +153,7 @@ class KernelWriter:
         which makes TCP push what it holds.
         """
         sock_fd = self._sock.fileno()
-        saved_lowat = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _NO_LOWAT)
+        saved_lowat = self._set_lowat(_NO_LOWAT)
         try:
             while count:
                 await self.service_pending()
@@ -152,7 +176,7 @@ class KernelWriter:
         finally:
             with contextlib.suppress(OSError):  # a broken socket is reported elsewhere
                 self._push()
-                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, saved_lowat)
+                self._set_lowat(saved_lowat)
         await self.service_pending()
 
     def _push(self) -> None:
