@@ -30,11 +30,13 @@ from .helpers import (
     CA,
     HOSTNAME,
     MODES,
+    OPENSSL,
     ProcessOutput,
     client_context,
     free_port,
     http_exchange,
     kernel_probe,
+    needs_openssl,
     server_pem_file,
 )
 
@@ -108,6 +110,24 @@ def served(tmp_path: Path) -> Path:
     (root / "big.bin").write_bytes(os.urandom(3 * MiB + 1))
     (root / "small.txt").write_text("small")
     return root
+
+
+#: Sizes at the edges of a record (16 KiB of plaintext), and none at all.
+EDGE_SIZES = (0, 1, 16 * 1024 - 1, 16 * 1024, 16 * 1024 + 1)
+
+
+def add_edge_files(root: Path) -> list[str]:
+    names = []
+    for size in EDGE_SIZES:
+        names.append(f"edge-{size}.bin")
+        (root / names[-1]).write_bytes(os.urandom(size))
+    # 64 MiB: a random MiB, repeated with a changing byte so no two MiB are alike.
+    block = bytearray(os.urandom(MiB))
+    with (root / "huge.bin").open("wb") as f:
+        for i in range(64):
+            block[0] = i
+            f.write(block)
+    return [*names, "huge.bin"]
 
 
 @dataclass
@@ -217,31 +237,74 @@ async def test_serve_and_get(tmp_path: Path, served: Path, mode: KTLSMode) -> No
 @needs_curl
 @pytest.mark.parametrize("mode", MODES)
 async def test_curl_downloads(tmp_path: Path, served: Path, mode: KTLSMode) -> None:
-    """curl over TLS 1.2 and 1.3, several files on one connection, a range, HEAD."""
+    """curl over TLS 1.2 and 1.3: files of 0 B, 1 B, 16 KiB and 16 KiB +- 1, 3 MiB and
+    64 MiB on one kept-alive connection, each checked by SHA-256; a range; HEAD."""
     assert CURL is not None
     pem = server_pem_file(tmp_path)
     ca = tmp_path / "ca.pem"
     CA.cert_pem.write_to_path(str(ca))
+    names = ["big.bin", "small.txt", *add_edge_files(served)]
     big = (served / "big.bin").read_bytes()
     async with serving(served, "--cert", str(pem), "--ktls", mode) as server:
         for versions in (["--tlsv1.2", "--tls-max", "1.2"], ["--tlsv1.3"]):
             curl = [CURL, "-sS", "--fail", "--cacert", str(ca), *versions]
-            done = await run_async(
-                *curl, server.url("big.bin"), "-o", str(tmp_path / "a"),
-                server.url("small.txt"), "-o", str(tmp_path / "b"),
-            )  # fmt: skip
+            fetch = []
+            for name in names:
+                fetch += [server.url(name), "-o", str(tmp_path / f"got-{name}")]
+            done = await run_async(*curl, *fetch)
             assert done.returncode == 0, done.stderr
-            assert (tmp_path / "a").read_bytes() == big
-            assert (tmp_path / "b").read_bytes() == b"small"
+            for name in names:
+                assert _sha256(tmp_path / f"got-{name}") == _sha256(served / name), name
             done = await run_async(*curl, "-r", "100-199", server.url("big.bin"))
             assert done.stdout == big[100:200]
             done = await run_async(*curl, "-I", server.url("big.bin"))
             assert b"content-length: 3145729" in done.stdout.lower()
     lines = access_lines(server.log)
-    assert len(lines) == 8
-    # curl's two files went over one kept-alive connection each time.
+    per_version = len(names) + 2
+    assert len(lines) == 2 * per_version
+    # Each curl run fetched all its files over one kept-alive connection.
     peers = [line.split()[2] for line in lines]
-    assert peers[0] == peers[1] and peers[4] == peers[5]
+    for first in (0, per_version):
+        assert len(set(peers[first : first + len(names)])) == 1, lines
+    assert_server_offloaded(server.log, mode)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(MiB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@needs_openssl
+@pytest.mark.parametrize("mode", MODES)
+async def test_openssl_s_client_fetches_from_serve(
+    tmp_path: Path, served: Path, mode: KTLSMode
+) -> None:
+    """``openssl s_client`` (OpenSSL's own TLS, not ours) fetches a file over TLS 1.2
+    and 1.3."""
+    assert OPENSSL is not None
+    pem = server_pem_file(tmp_path)
+    ca = tmp_path / "ca.pem"
+    CA.cert_pem.write_to_path(str(ca))
+    big = (served / "big.bin").read_bytes()
+    request = b"GET /big.bin HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    async with serving(served, "--cert", str(pem), "--ktls", mode) as server:
+        for version in ("-tls1_2", "-tls1_3"):
+            done: subprocess.CompletedProcess[bytes] = await trio.run_process(
+                [OPENSSL, "s_client", "-connect", f"127.0.0.1:{server.port}", version,
+                 "-CAfile", str(ca), "-verify_return_error", "-quiet", "-ign_eof"],
+                stdin=request, capture_stdout=True, capture_stderr=True, check=False,
+            )  # fmt: skip
+            # The server ends with a bare FIN, like most HTTPS servers (``serve`` is
+            # https_compatible): s_client reports that as an unexpected EOF, its exit
+            # status 1; anything else is a failure.
+            assert done.returncode == 0 or b"unexpected eof" in done.stderr, done.stderr
+            head, _, body = done.stdout.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            assert body == big
+    assert len(access_lines(server.log)) == 2
     assert_server_offloaded(server.log, mode)
 
 
