@@ -783,8 +783,12 @@ def report(folder: Path) -> Path:
         lines += [
             f"## {where}, {document['date']}",
             "",
-            f"Medians of {document['repetitions']} repetitions, [min-max]; "
-            f"{document['sizes']['bytes'] // MiB} MiB transfers"
+            (
+                f"Medians of {document['repetitions']} repetitions, [min-max]; "
+                if document["repetitions"] > 1
+                else "One repetition (no spread); "
+            )
+            + f"{document['sizes']['bytes'] // MiB} MiB transfers"
             + (
                 " (a tiny run: the harness works, the figures mean nothing)"
                 if document["tiny"]
