@@ -48,8 +48,7 @@ from typing import Final, Literal, final
 import h11
 import trio
 
-from ._errors import KTLSUnavailableError
-from ._highlevel import KTLSListener
+from ._highlevel import KTLSListener, handshake_then
 from ._stream import KTLSInfo, KTLSStream
 from ._version import __version__
 
@@ -612,19 +611,8 @@ async def serve_handshaken(
 ) -> None:
     """`serve_ktls_over_tcp` for listeners that exist already (``trio-ktls serve
     --workers`` binds its sockets before forking): each connection's handshake runs in
-    its own task, a failure closes that connection only, then ``handler`` gets the
-    stream, which is closed when it returns."""
+    its own task, a failure closes that connection only (logged as by
+    `serve_ktls_over_tcp`), then ``handler`` gets the stream, which is closed when it
+    returns."""
 
-    async def handle(stream: KTLSStream) -> None:
-        try:
-            await stream.do_handshake()
-        except (trio.BrokenResourceError, trio.TooSlowError, KTLSUnavailableError, OSError) as exc:
-            logger.debug("TLS handshake failed: %s", exc)
-            await trio.aclose_forcefully(stream)
-            return
-        try:
-            await handler(stream)
-        finally:
-            await stream.aclose()
-
-    await trio.serve_listeners(handle, listeners, task_status=task_status)
+    await trio.serve_listeners(handshake_then(handler), listeners, task_status=task_status)

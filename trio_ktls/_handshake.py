@@ -11,7 +11,7 @@ exactly like ``trio.SSLStream``, with two differences:
   handshake record sits in user space, so the kernel, once it has the keys, reads the
   next record from its first byte. (Records the peer sends right after its Finished stay
   queued in the socket; the kernel decrypts them.)
-- Over a socket, a flight costs two reads, not two per record: `_SocketRecords` *peeks*
+- Over a socket, a flight costs two reads, not two per record: the handshake *peeks*
   at everything queued (``MSG_PEEK``), hands OpenSSL the whole records it finds one at a
   time, and then takes from the socket exactly the bytes of the records OpenSSL got. A
   TLS 1.3 server flight (ServerHello, ChangeCipherSpec, then four protected records from
@@ -110,18 +110,26 @@ class Handshake:
     async def _step(self) -> bool:
         """One ``do_handshake()``: whether the handshake is done."""
         try:
-            self.ssl_object.do_handshake()
-        except ssl.SSLWantReadError:
-            return False
+            return self._do_handshake()
         except ssl.SSLError:
             # OpenSSL queued an alert for the peer; send it before failing.
             await self._flush_best_effort()
             raise
+
+    def _do_handshake(self) -> bool:
+        try:
+            self.ssl_object.do_handshake()
+        except ssl.SSLWantReadError:
+            return False
         return True
 
-    async def _feed(self, record: bytes) -> bool:
+    def _give(self, record: bytes) -> None:
+        """Show one whole record to the observer, then to OpenSSL."""
         self.observer.incoming(record)
         self.incoming.write(record)
+
+    async def _feed(self, record: bytes) -> bool:
+        self._give(record)
         return await self._step()
 
     async def _feed_queued_records(self, sock: trio.socket.SocketType) -> bool:
@@ -133,25 +141,19 @@ class Handshake:
             return await self._feed(await self._receive_record())
         fed = 0
         done = False
-        failure: ssl.SSLError | None = None
-        for record in records:
-            fed += len(record)
-            self.observer.incoming(record)
-            self.incoming.write(record)
-            try:
-                self.ssl_object.do_handshake()
-            except ssl.SSLWantReadError:
-                continue
-            except ssl.SSLError as exc:
-                failure = exc
-                break
-            done = True
-            break
-        await self._discard(sock, fed)
-        if failure is not None:
-            # OpenSSL queued an alert for the peer; send it before failing.
+        try:
+            for record in records:
+                fed += len(record)
+                self._give(record)
+                if self._do_handshake():
+                    done = True
+                    break
+        except ssl.SSLError:
+            # OpenSSL queued an alert for the peer; send it before failing (the
+            # connection is over, so what stays queued in the socket does not matter).
             await self._flush_best_effort()
-            raise failure
+            raise
+        await self._discard(sock, fed)
         return done
 
     async def _discard(self, sock: trio.socket.SocketType, size: int) -> None:

@@ -307,29 +307,42 @@ async def serve_ktls_over_tcp(
             **options,
         )
 
-        async def handle(stream: KTLSStream) -> None:
-            try:
-                await stream.do_handshake()
-            except (
-                trio.BrokenResourceError,
-                trio.TooSlowError,
-                KTLSUnavailableError,
-                OSError,
-            ) as exc:
-                # One client's failure (KTLSUnavailableError: a cipher the kernel lacks,
-                # with ktls="require") never stops the server.
-                level = logging.DEBUG if _peer_went_away(exc) else logging.INFO
-                logger.log(level, "TLS handshake with %s failed: %s", stream._peer, _describe(exc))
-                await trio.aclose_forcefully(stream)
-                return
-            try:
-                await handler(stream)
-            finally:
-                await stream.aclose()
+        handle = handshake_then(handler)
 
         await trio.serve_listeners(
             handle, listeners, handler_nursery=stream_nursery, task_status=task_status
         )
+
+
+def handshake_then(
+    handler: Callable[[KTLSStream], Awaitable[object]],
+) -> Callable[[KTLSStream], Awaitable[None]]:
+    """A connection handler for `trio.serve_listeners` over `KTLSListener` objects: the
+    handshake first, in the connection's own task; a failure (or a timeout) is logged and
+    closes that connection only; then ``handler`` gets the stream, which is closed when it
+    returns."""
+
+    async def handle(stream: KTLSStream) -> None:
+        try:
+            await stream.do_handshake()
+        except (
+            trio.BrokenResourceError,
+            trio.TooSlowError,
+            KTLSUnavailableError,
+            OSError,
+        ) as exc:
+            # One client's failure (KTLSUnavailableError: a cipher the kernel lacks,
+            # with ktls="require") never stops the server.
+            level = logging.DEBUG if _peer_went_away(exc) else logging.INFO
+            logger.log(level, "TLS handshake with %s failed: %s", stream._peer, _describe(exc))
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            await handler(stream)
+        finally:
+            await stream.aclose()
+
+    return handle
 
 
 def _peer_went_away(exc: BaseException) -> bool:

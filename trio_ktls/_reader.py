@@ -22,10 +22,10 @@ So one *reader task* per stream loops on ``recvmsg``:
   the reader task (`_hand_over`). In a bulk transfer most data takes this path; the
   reader task still reads whenever the application does not (control records are handled
   while the application only sends, and data is read ahead up to the bound).
-- Both read with the socket's own non-blocking ``recvmsg`` (a view of the descriptor,
-  `_SocketView`), not trio's wrapper, whose every call is a scheduling round: the reader
-  waits with ``wait_readable`` only when the kernel has nothing, and yields every
-  ``_READS_PER_TURN`` reads so it never starves other tasks.
+- Both read with the socket's own non-blocking ``recvmsg`` (a stdlib view of the
+  descriptor, made in `run`), not trio's wrapper, whose every call is a scheduling
+  round: the reader waits with ``wait_readable`` only when the kernel has nothing, and
+  yields every ``_READS_PER_TURN`` reads so it never starves other tasks.
 - Alerts: close_notify is end of stream; user_canceled and TLS 1.2 warnings are ignored;
   anything else is fatal (RFC 8446 §6.2).
 - Handshake messages (reassembled across records, RFC 8446 §5.1): NewSessionTicket goes to
@@ -208,7 +208,6 @@ class KernelReader:
         self._idle = False
         if self._wait_scope is not None:
             self._wait_scope.cancel()
-        self._room_waiters.unpark_all()
 
     def _read_size(self, wanted: int = RECV_SIZE) -> int:
         """How much one ``recvmsg`` asks for: what is wanted, within the buffer's bound,
