@@ -126,12 +126,6 @@ class KernelWriter:
             if self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) < NOTSENT_LOWAT:
                 self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
 
-    def _set_lowat(self, value: int) -> int:
-        """Set ``TCP_NOTSENT_LOWAT``; the previous value."""
-        previous = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, value)
-        return previous
-
     async def send_file(self, fd: int, offset: int, count: int) -> None:
         """``count`` bytes of a regular file from ``offset`` with ``sendfile(2)``: the
         kernel reads the page cache and encrypts; the bytes never enter Python.
@@ -153,7 +147,8 @@ class KernelWriter:
         which makes TCP push what it holds.
         """
         sock_fd = self._sock.fileno()
-        saved_lowat = self._set_lowat(_NO_LOWAT)
+        saved_lowat = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _NO_LOWAT)
         try:
             while count:
                 await self.service_pending()
@@ -176,7 +171,7 @@ class KernelWriter:
         finally:
             with contextlib.suppress(OSError):  # a broken socket is reported elsewhere
                 self._push()
-                self._set_lowat(saved_lowat)
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, saved_lowat)
         await self.service_pending()
 
     def _push(self) -> None:
