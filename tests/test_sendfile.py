@@ -165,3 +165,25 @@ async def test_send_file_with_100_peer_requested_key_updates(tmp_path: Path) -> 
         print(f"send_file: {server_info.key_updates_sent} answers to {updates} requests")
         await server.aclose()
         await client.aclose()
+
+
+@pytest.mark.ktls
+async def test_cancelled_send_file_stops_waiting_for_a_peer_that_does_not_read(
+    tmp_path: Path,
+) -> None:
+    """The zero-copy path waits for room in a worker thread; a cancelled send_file must
+    not leave that thread polling a socket the peer never drains. More than loopback's
+    socket buffers hold, a peer that reads nothing, a cancellation: send_file returns,
+    and the stream reports the cancelled write."""
+    path = tmp_path / "payload"
+    path.write_bytes(os.urandom(32 * MiB))
+    async with trio.open_nursery() as nursery:
+        client, server = await ktls_pair_maker(nursery, "TLSv1.3", "require")()
+        with path.open("rb") as f, trio.fail_after(120):  # a thread left polling hangs here
+            with trio.move_on_after(2) as scope:
+                await server.send_file(f)
+        assert scope.cancelled_caught
+        with pytest.raises(trio.BrokenResourceError, match="cancelled midway"):
+            await server.send_all(b"more")
+        await server.aclose()
+        await client.aclose()
