@@ -690,11 +690,19 @@ def run(
     sizes = TINY if tiny else FULL
     results: dict[str, Any] = {}
     for workload in workloads:
-        for contender in available_contenders(probe.available):
-            if workload not in SUPPORTS[contender] or contender not in contenders:
-                continue
-            runs = [measure_once(contender, workload, tiny) for _ in range(repetitions)]
-            summary = summarize(workload, runs, sizes["bytes"])
+        names = [
+            name
+            for name in available_contenders(probe.available)
+            if workload in SUPPORTS[name] and name in contenders
+        ]
+        # Repetitions take turns (A B C, A B C, ...), so that a slow spell of the machine
+        # falls on every contender rather than on all of one contender's runs.
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        for _ in range(repetitions):
+            for contender in names:
+                runs[contender].append(measure_once(contender, workload, tiny))
+        for contender in names:
+            summary = summarize(workload, runs[contender], sizes["bytes"])
             results.setdefault(workload, {})[contender] = summary
             print(f"{workload:17} {contender:15} {_headline(summary)}", flush=True)
     document = {
