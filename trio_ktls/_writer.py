@@ -27,10 +27,12 @@ Invariant: methods whose names do not say otherwise are called with ``lock`` hel
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import select
 import socket
-from typing import Final
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import trio
 
@@ -38,6 +40,11 @@ from . import _kernel
 from ._errors import ConfidentialityLimitError, KTLSRekeyFailedError
 from ._keys import RecordBudget, TrafficKeys
 from ._messages import CLOSE_NOTIFY, MAX_PLAINTEXT, ContentType, encode_key_update
+
+if TYPE_CHECKING:  # trio's own dependency, for the type of what a thread returns
+    import outcome
+
+_T = TypeVar("_T")
 
 #: Bytes per ``send`` between checks for pending work.
 CHUNK: Final = 256 * 1024
@@ -139,7 +146,7 @@ class KernelWriter:
         throughput in the 6.18 guest. The thread comes back after `SENDFILE_CHUNK` bytes,
         when a KeyUpdate is pending (it goes out between turns, as between ``send_data``
         chunks), when the record budget asks for it, or at once when the task is
-        cancelled (a pipe wakes its ``poll``).
+        cancelled (the cancellation writes to a pipe that its ``poll`` watches).
 
         Why the socket options change meanwhile (found in the 6.1-7.2 guests; see
         docs/design.md): sendfile hands pages to the TLS layer as a splice with "more to
@@ -161,16 +168,18 @@ class KernelWriter:
             while count:
                 await self.service_pending()
                 room = await self._records_left()
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_wake_when_cancelled, wake_write)
-                    sent, records, ended = await trio.to_thread.run_sync(
-                        self._sendfile_turn, fd, offset, min(SENDFILE_CHUNK, count), room,
+                sent, records, ended = await _in_thread_woken_on_cancel(
+                    functools.partial(
+                        self._sendfile_turn,
+                        fd,
+                        offset,
+                        min(SENDFILE_CHUNK, count),
+                        room,
                         wake_read,
-                    )  # fmt: skip
-                    self._budget.charge(records)
-                    nursery.cancel_scope.cancel()
-                with contextlib.suppress(BlockingIOError):  # the watcher's byte, if any
-                    os.read(wake_read, 16)
+                    ),
+                    wake_write,
+                )
+                self._budget.charge(records)
                 if ended:
                     raise trio.BrokenResourceError(
                         f"send_file stopped short: the file ended {count - sent} bytes "
@@ -294,11 +303,27 @@ class KernelWriter:
         self.key_updates_sent += 1
 
 
-async def _wake_when_cancelled(wake_fd: int) -> None:
-    """Wait; when cancelled (the caller's scope, or the turn is over), write to
-    ``wake_fd`` so a ``send_file`` thread stops waiting for room and returns."""
-    try:
-        await trio.sleep_forever()
-    finally:
-        with contextlib.suppress(OSError):  # the pipe is full: it is awake already
+async def _in_thread_woken_on_cancel(work: Callable[[], _T], wake_fd: int) -> _T:
+    """``work()`` in a worker thread; a cancellation writes to ``wake_fd`` (which the
+    work polls, so it returns soon) and is delivered once the work has returned, at the
+    caller's next checkpoint, with its result in hand.
+
+    Not `trio.to_thread.run_sync` beside a watcher task: the watcher's nursery would wrap
+    the caller's `trio.Cancelled` in an exception group, which the stream's "a write was
+    cancelled midway" bookkeeping (an ``except trio.Cancelled``) would not see.
+    """
+    await trio.lowlevel.checkpoint_if_cancelled()
+    task = trio.lowlevel.current_task()
+    token = trio.lowlevel.current_trio_token()
+
+    def deliver(result: outcome.Outcome[_T]) -> None:
+        token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+
+    def abort(_: object) -> trio.lowlevel.Abort:
+        with contextlib.suppress(OSError):  # the pipe is full: the work is woken already
             os.write(wake_fd, b"!")
+        return trio.lowlevel.Abort.FAILED  # the work's result still comes back
+
+    trio.lowlevel.start_thread_soon(work, deliver, name="trio_ktls send_file")
+    result: _T = await trio.lowlevel.wait_task_rescheduled(abort)
+    return result
