@@ -16,10 +16,10 @@ So one *reader task* per stream loops on ``recvmsg``:
   chunk larger than ``max_bytes`` in slices, each byte copied once more.
 - Every read goes into one preallocated scratch buffer per thread (`_Scratch`), and only
   the bytes that arrived are copied out. ``recvmsg(256 KiB)`` would instead allocate a
-  fresh 256 KiB ``bytes`` per call: above glibc's mmap threshold, so each call cost an
-  ``mmap``, the page faults of touching new pages, an ``mremap`` to shrink it and a
-  ``munmap``. That made a read several times dearer than the copy it saves, on the host
-  and far more under emulation.
+  fresh 256 KiB ``bytes`` per call: until glibc's mmap threshold has risen above that
+  size, each call costs an ``mmap``, the page faults of touching new pages, an
+  ``mremap`` to shrink it and a ``munmap`` (in a small process on the host, a read took
+  three times as long).
 - The lean path: a `receive` that finds the buffer empty while the reader task is idle
   (waiting for the socket, holding no record) calls ``recvmsg`` itself, on its own turn.
   Data goes straight to the caller, with no hop through the reader task and no second
