@@ -12,14 +12,9 @@ So one *reader task* per stream loops on ``recvmsg``:
 
 - Data records fill a bounded buffer (``max_receive_buffer``) that `receive` drains. When
   it is full the reader stops reading, so TCP flow control reaches the peer. The buffer is
-  a queue of ``bytes`` objects: `receive` hands one out as it is when it fits, and a
-  chunk larger than ``max_bytes`` in slices, each byte copied once more.
-- Every read goes into one preallocated scratch buffer per thread (`_Scratch`), and only
-  the bytes that arrived are copied out. ``recvmsg(256 KiB)`` would instead allocate a
-  fresh 256 KiB ``bytes`` per call: until glibc's mmap threshold has risen above that
-  size, each call costs an ``mmap``, the page faults of touching new pages, an
-  ``mremap`` to shrink it and a ``munmap`` (in a small process on the host, a read took
-  three times as long).
+  a queue of the ``bytes`` objects ``recvmsg`` returned: `receive` hands one out as it is
+  when it fits, so a received byte is copied once in user space (kernel to ``bytes``);
+  a chunk larger than ``max_bytes`` is handed out in slices, each copied once.
 - The lean path: a `receive` that finds the buffer empty while the reader task is idle
   (waiting for the socket, holding no record) calls ``recvmsg`` itself, on its own turn.
   Data goes straight to the caller, with no hop through the reader task and no second
@@ -57,7 +52,6 @@ import errno
 import os
 import socket
 import ssl
-import threading
 from collections import deque
 from collections.abc import Iterator
 from typing import Final
@@ -98,26 +92,6 @@ _READS_PER_TURN: Final = 16
 
 #: What one ``recvmsg`` returned (data, ancillary data, flags, address), or its error.
 _Received = tuple[bytes, list[tuple[int, int, bytes]], int, object]
-
-
-class _Scratch(threading.local):
-    """The buffer every read of this thread goes into (see the module doc). A read and
-    the copy of what it returned happen with no checkpoint between them, so the streams
-    of one trio run share it safely; other threads get their own."""
-
-    def __init__(self) -> None:
-        self.view = memoryview(bytearray(RECV_SIZE))
-
-
-_scratch = _Scratch()
-
-
-def _recvmsg(view: socket.socket, size: int, cmsg_space: int) -> _Received:
-    """``view.recvmsg(size, cmsg_space)``, read through the thread's scratch buffer (at
-    most `RECV_SIZE` bytes)."""
-    buffer = _scratch.view
-    nbytes, ancdata, flags, address = view.recvmsg_into([buffer[:size]], cmsg_space)
-    return bytes(buffer[:nbytes]), ancdata, flags, address
 
 
 class KernelReader:
@@ -212,7 +186,7 @@ class KernelReader:
         if self._sock.fileno() < 0:  # closed under us: the reader task reports it
             return False
         try:
-            received = _recvmsg(view, self._read_size(max_bytes), _kernel.RECORD_TYPE_CMSG_SPACE)
+            received = view.recvmsg(self._read_size(max_bytes), _kernel.RECORD_TYPE_CMSG_SPACE)
         except BlockingIOError:
             return False
         except OSError as exc:
@@ -237,11 +211,10 @@ class KernelReader:
 
     def _read_size(self, wanted: int = RECV_SIZE) -> int:
         """How much one ``recvmsg`` asks for: what is wanted, within the buffer's bound,
-        and never less than one full record, nor more than the scratch buffer. Large reads
-        matter: the kernel decrypts as many queued records as fit in one call, and each
-        call costs a scheduling round.
+        and never less than one full record. Large reads matter: the kernel decrypts as
+        many queued records as fit in one call, and each call costs a scheduling round.
         """
-        return max(min(wanted, self._max_buffer - self._buffered, RECV_SIZE), _MIN_READ)
+        return max(min(wanted, self._max_buffer - self._buffered), _MIN_READ)
 
     def _take_data(self, data: bytes) -> None:
         """Buffer a data record's plaintext (already read) and count its records."""
@@ -301,7 +274,7 @@ class KernelReader:
                         await trio.lowlevel.checkpoint()
                     continue
                 try:
-                    received = _recvmsg(view, self._read_size(), cmsg_space)
+                    received = view.recvmsg(self._read_size(), cmsg_space)
                 except BlockingIOError:
                     reads = 0
                     await self._wait_readable()
@@ -367,7 +340,7 @@ class KernelReader:
         assert self._view is not None
         while True:
             try:
-                return _recvmsg(self._view, RECV_SIZE, cmsg_space)
+                return self._view.recvmsg(RECV_SIZE, cmsg_space)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self._sock)
 
