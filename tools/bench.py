@@ -21,6 +21,10 @@ Contenders:
   Python user would pick instead.
 - ``raw_ktls``: the limit. Blocking sockets with kTLS keys installed by hand on both ends
   (no handshake), a minimal loop (``sendall``, ``recv_into``, ``os.sendfile``).
+- ``trio_raw_ktls``: the limit for a trio program. The same hand-keyed kTLS sockets driven
+  by trio's socket methods (``send`` until all is sent, ``recv`` into new ``bytes``, as
+  ``trio.SocketStream`` does) with no library in between. trio_ktls against it is what the
+  library costs; it against ``raw_ktls`` is what trio's scheduling costs.
 - ``openssl``: ``openssl s_server -WWW`` serving the file workload; ``/proc/net/tls_stat``
   read before and after says whether OpenSSL itself used kTLS.
 """
@@ -55,17 +59,26 @@ WORKLOADS = ("bulk", "file", "echo", "setup", "concurrent-setup", "memory")
 FULL = {"bytes": 64 * MiB, "echoes": 2000, "connections": 200, "concurrent": 50, "idle": 200}
 TINY = {"bytes": 1 * MiB, "echoes": 50, "connections": 5, "concurrent": 5, "idle": 5}
 
-CONTENDERS = ("trio_ktls", "trio_sslstream", "asyncio", "uvloop", "raw_ktls", "openssl")
+CONTENDERS = (
+    "trio_ktls",
+    "trio_sslstream",
+    "asyncio",
+    "uvloop",
+    "trio_raw_ktls",
+    "raw_ktls",
+    "openssl",
+)
 #: What each contender can do (raw kTLS has no handshake; s_server only serves files).
 SUPPORTS: dict[str, tuple[str, ...]] = {
     "trio_ktls": WORKLOADS,
     "trio_sslstream": WORKLOADS,
     "asyncio": WORKLOADS,
     "uvloop": WORKLOADS,
-    "raw_ktls": ("bulk", "file"),
+    "raw_ktls": ("bulk", "file", "echo"),
+    "trio_raw_ktls": ("bulk", "echo"),
     "openssl": ("file",),
 }
-NEEDS_KTLS = {"trio_ktls", "raw_ktls"}
+NEEDS_KTLS = {"trio_ktls", "trio_raw_ktls", "raw_ktls"}
 
 
 def _cpu() -> float:
@@ -441,62 +454,160 @@ def _asyncio_main(
 # -- raw kTLS: the limit ----------------------------------------------------------------
 
 
-def _raw_main(role: str, contender: str, workload: str, sizes: dict[str, int], port: int) -> None:
-    from trio_ktls import _kernel
+def _made_up_key(from_client: bool) -> Any:
+    """The same made-up key at both ends (there is no handshake): one per direction."""
     from trio_ktls._kernel import CryptoInfo, KernelCipher
 
-    def key() -> CryptoInfo:  # the same made-up key at both ends: no handshake here
-        return CryptoInfo(
-            ssl.TLSVersion.TLSv1_3,
-            KernelCipher.AES_GCM_256,
-            key=bytes(range(32)),
-            write_iv=bytes(range(12)),
-            rec_seq=0,
-        )
+    first = 0 if from_client else 100
+    return CryptoInfo(
+        ssl.TLSVersion.TLSv1_3,
+        KernelCipher.AES_GCM_256,
+        key=bytes(range(first, first + 32)),
+        write_iv=bytes(range(first, first + 12)),
+        rec_seq=0,
+    )
 
-    size = sizes["bytes"]
+
+def _raw_socket(role: str, workload: str, port: int) -> socket.socket:
+    """A connected socket with kTLS keys installed by hand for what ``workload`` sends:
+    bulk goes client to server, a file server to client, echo both ways."""
+    from trio_ktls import _kernel
+
     if role == "serve":
-        listener = socket.create_server(("127.0.0.1", port), reuse_port=False)
-        print(json.dumps({"cert": ""}), flush=True)
-        sock, _ = listener.accept()
-        _kernel.attach_ulp(sock)
-        direction = _kernel.TLS_RX if workload == "bulk" else _kernel.TLS_TX
-        _kernel.install_key(sock, direction, key())
-        cpu, start = _cpu(), time.perf_counter()
-        if workload == "bulk":
-            buffer, left = bytearray(256 * 1024), size
+        with socket.create_server(("127.0.0.1", port)) as listener:
+            print(json.dumps({"cert": ""}), flush=True)
+            sock, _ = listener.accept()
+    else:
+        sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as trio's streams do
+    _kernel.attach_ulp(sock)
+    serving = role == "serve"
+    if workload in ("bulk", "echo"):  # client to server
+        _kernel.install_key(
+            sock, _kernel.TLS_RX if serving else _kernel.TLS_TX, _made_up_key(True)
+        )
+    if workload in ("file", "echo"):  # server to client
+        _kernel.install_key(
+            sock, _kernel.TLS_TX if serving else _kernel.TLS_RX, _made_up_key(False)
+        )
+    return sock
+
+
+def _raw_main(role: str, contender: str, workload: str, sizes: dict[str, int], port: int) -> None:
+    """``raw_ktls``: the kernel's limit, a minimal blocking loop per workload."""
+    sock = _raw_socket(role, workload, port)
+    size = sizes["bytes"]
+    cpu, start = _cpu(), time.perf_counter()
+    if workload == "echo":
+        if role == "serve":
+            left = sizes["echoes"] * ECHO_MESSAGE
             while left:
-                n = sock.recv_into(buffer, min(left, len(buffer)))
-                if not n:
+                data = sock.recv(ECHO_MESSAGE)
+                if not data:
                     raise EOFError(left)
-                left -= n
+                sock.sendall(data)
+                left -= len(data)
+            _report(wall=time.perf_counter() - start, cpu=_cpu() - cpu)
         else:
-            with _payload_file(size) as f:
-                offset = 0
-                while offset < size:
-                    offset += os.sendfile(sock.fileno(), f.fileno(), offset, size - offset)
-        _report(wall=time.perf_counter() - start, cpu=_cpu() - cpu)
+            message, latencies = b"e" * ECHO_MESSAGE, []
+            buffer = bytearray(ECHO_MESSAGE)
+            for _ in range(sizes["echoes"]):
+                sent = time.perf_counter()
+                sock.sendall(message)
+                got = 0
+                while got < ECHO_MESSAGE:
+                    n = sock.recv_into(memoryview(buffer)[got:])
+                    if not n:
+                        raise EOFError(ECHO_MESSAGE - got)
+                    got += n
+                latencies.append(time.perf_counter() - sent)
+            _report(latencies=latencies)
         sock.close()
         return
-    sock = socket.create_connection(("127.0.0.1", port))
-    _kernel.attach_ulp(sock)
-    direction = _kernel.TLS_TX if workload == "bulk" else _kernel.TLS_RX
-    _kernel.install_key(sock, direction, key())
-    cpu, start = _cpu(), time.perf_counter()
-    if workload == "bulk":
-        payload = bytes(WRITE)
-        for _ in range(size // WRITE):
-            sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        sock.recv(1)  # the server closes when it has everything
-    else:
+    sending = (workload == "bulk") == (role == "client")
+    if not sending:
         buffer, left = bytearray(256 * 1024), size
         while left:
             n = sock.recv_into(buffer, min(left, len(buffer)))
             if not n:
                 raise EOFError(left)
             left -= n
+    elif workload == "bulk":
+        payload = bytes(WRITE)
+        for _ in range(size // WRITE):
+            sock.sendall(payload)
+    else:
+        with _payload_file(size) as f:
+            offset = 0
+            while offset < size:
+                offset += os.sendfile(sock.fileno(), f.fileno(), offset, size - offset)
+    if sending:  # the receiver closes once it has everything
+        sock.shutdown(socket.SHUT_WR)
+        sock.recv(1)
     _report(wall=time.perf_counter() - start, cpu=_cpu() - cpu)
+    sock.close()
+
+
+def _trio_raw_main(
+    role: str, contender: str, workload: str, sizes: dict[str, int], port: int
+) -> None:
+    """``trio_raw_ktls``: the same kTLS sockets driven by trio's socket methods, with no
+    library: what any trio program pays per call (a scheduling round, the wrappers)."""
+    import trio
+
+    sock = _raw_socket(role, workload, port)
+    size = sizes["bytes"]
+
+    async def send_all(tsock: trio.socket.SocketType, data: bytes) -> None:
+        view = memoryview(data)
+        while view:  # as trio.SocketStream.send_all
+            view = view[await tsock.send(view) :]
+
+    async def main() -> None:
+        tsock = trio.socket.from_stdlib_socket(sock)
+        cpu, start = _cpu(), time.perf_counter()
+        if workload == "echo":
+            if role == "serve":
+                left = sizes["echoes"] * ECHO_MESSAGE
+                while left:
+                    data = await tsock.recv(ECHO_MESSAGE)
+                    if not data:
+                        raise EOFError(left)
+                    await send_all(tsock, data)
+                    left -= len(data)
+                _report(wall=time.perf_counter() - start, cpu=_cpu() - cpu)
+            else:
+                message, latencies = b"e" * ECHO_MESSAGE, []
+                for _ in range(sizes["echoes"]):
+                    sent = time.perf_counter()
+                    await send_all(tsock, message)
+                    got = 0
+                    while got < ECHO_MESSAGE:
+                        data = await tsock.recv(ECHO_MESSAGE - got)
+                        if not data:
+                            raise EOFError(ECHO_MESSAGE - got)
+                        got += len(data)
+                    latencies.append(time.perf_counter() - sent)
+                _report(latencies=latencies)
+            tsock.close()
+            return
+        if role == "serve":  # bulk: receives, into new bytes each time as receive_some
+            left = size
+            while left:
+                data = await tsock.recv(min(left, 256 * 1024))
+                if not data:
+                    raise EOFError(left)
+                left -= len(data)
+        else:
+            payload = bytes(WRITE)
+            for _ in range(size // WRITE):
+                await send_all(tsock, payload)
+            tsock.shutdown(socket.SHUT_WR)
+            await tsock.recv(1)  # the receiver closes once it has everything
+        _report(wall=time.perf_counter() - start, cpu=_cpu() - cpu)
+        tsock.close()
+
+    trio.run(main)
 
 
 # -- openssl s_server -WWW ----------------------------------------------------------------
@@ -745,6 +856,12 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
 
     pairs = [
         ("bulk: trio_ktls / raw kTLS", mbs(bulk, "trio_ktls"), mbs(bulk, "raw_ktls")),
+        (
+            "bulk: trio_ktls / trio over raw kTLS",
+            mbs(bulk, "trio_ktls"),
+            mbs(bulk, "trio_raw_ktls"),
+        ),
+        ("bulk: trio over raw kTLS / raw kTLS", mbs(bulk, "trio_raw_ktls"), mbs(bulk, "raw_ktls")),
         ("bulk: trio_ktls / trio.SSLStream", mbs(bulk, "trio_ktls"), mbs(bulk, "trio_sslstream")),
         ("file: send_file / raw sendfile", mbs(files, "trio_ktls"), mbs(files, "raw_ktls")),
         ("file: send_file / openssl -WWW", mbs(files, "trio_ktls"), mbs(files, "openssl")),
@@ -776,6 +893,20 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
                     table["trio_ktls"][key]["median"],
                     table["trio_sslstream"][key]["median"],
                 )
+            )
+    # Where echo latency goes: the library (against trio over the same raw kTLS
+    # sockets), trio (against a blocking loop over them), kTLS itself (against
+    # trio.SSLStream, whose crypto runs in user space over plain TCP).
+    echo = results.get("echo", {})
+    for name, mine, theirs in (
+        ("trio_ktls / trio over raw kTLS", "trio_ktls", "trio_raw_ktls"),
+        ("trio over raw kTLS / raw kTLS", "trio_raw_ktls", "raw_ktls"),
+        ("trio over raw kTLS / trio.SSLStream", "trio_raw_ktls", "trio_sslstream"),
+    ):
+        if mine in echo and theirs in echo:
+            key = "median ms"
+            pairs.append(
+                (f"echo: {name} ({key})", echo[mine][key]["median"], echo[theirs][key]["median"])
             )
     for name, a, b in pairs:
         if a and b:
@@ -898,6 +1029,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "trio_sslstream": _trio_main,
         "asyncio": _asyncio_main,
         "uvloop": _asyncio_main,
+        "trio_raw_ktls": _trio_raw_main,
         "raw_ktls": _raw_main,
     }
     mains[args.contender](args.command, args.contender, args.workload, sizes, args.port)
