@@ -286,6 +286,7 @@ class KernelReader:
                 await self._on_receive_error(received)
                 return
             data, ancdata, flags, _ = received
+            received = None
             record_type = _kernel.record_type_from_ancdata(ancdata)
             if record_type is None:
                 if data:
@@ -295,30 +296,39 @@ class KernelReader:
             if record_type == ContentType.APPLICATION_DATA:
                 if data:  # an empty data record is legal (RFC 8446 §5.1) and carries nothing
                     self._take_data(data)
-                continue
-            self._charge(len(data))
-            # A control record can come back in pieces when it is larger than our buffer;
-            # MSG_EOR marks its last piece (tls.rst).
-            record = bytearray(data)
-            while not flags & _kernel.MSG_EOR and data:
-                try:
-                    data, _, flags, _ = await self._receive_more(cmsg_space)
-                except OSError as exc:
-                    await self._on_receive_error(exc)
-                    return
-                record += data
-            if record_type == ContentType.ALERT:
-                if self._on_alert_record(bytes(record)):
-                    return
-            elif record_type == ContentType.HANDSHAKE:
-                await self._on_handshake_record(bytes(record))
-            else:
-                await self._fatal_alert(
-                    AlertDescription.UNEXPECTED_MESSAGE,
-                    f"unexpected record type {record_type} after the handshake",
-                )
-            if self._status.failure is not None:
+            elif await self._on_control_record(record_type, data, flags, cmsg_space):
                 return
+            # The loop keeps no reference to what it read while it waits: an idle
+            # stream would otherwise pin its last chunk (up to RECV_SIZE) or record.
+            data = b""
+
+    async def _on_control_record(
+        self, record_type: int, data: bytes, flags: int, cmsg_space: int
+    ) -> bool:
+        """Handle a control record whose first piece is ``data``; True when reading
+        must stop."""
+        self._charge(len(data))
+        # A control record can come back in pieces when it is larger than our buffer;
+        # MSG_EOR marks its last piece (tls.rst).
+        record = bytearray(data)
+        while not flags & _kernel.MSG_EOR and data:
+            try:
+                data, _, flags, _ = await self._receive_more(cmsg_space)
+            except OSError as exc:
+                await self._on_receive_error(exc)
+                return True
+            record += data
+        if record_type == ContentType.ALERT:
+            if self._on_alert_record(bytes(record)):
+                return True
+        elif record_type == ContentType.HANDSHAKE:
+            await self._on_handshake_record(bytes(record))
+        else:
+            await self._fatal_alert(
+                AlertDescription.UNEXPECTED_MESSAGE,
+                f"unexpected record type {record_type} after the handshake",
+            )
+        return self._status.failure is not None
 
     @contextlib.contextmanager
     def _idling(self) -> Iterator[None]:
