@@ -101,7 +101,7 @@ async def test_pinning(served: Path, mode: KTLSMode, caplog: pytest.LogCaptureFi
             url, body, ssl_context=client_context(pin=LEAF_SHA256), pin=LEAF_SHA256, ktls=mode
         )
         assert body.data == b"small"
-        assert len([r for r in caplog.records if hasattr(r, "access")]) == 1
+        await _access_lines_reach(caplog, 1)
         wrong = bytes(32)
         with pytest.raises(FetchError, match="does not match the pin") as caught:
             await fetch(
@@ -114,8 +114,23 @@ async def test_pinning(served: Path, mode: KTLSMode, caplog: pytest.LogCaptureFi
         body = Collect()
         await fetch(url, body, ssl_context=client_context(insecure=True), ktls=mode)
         assert body.data == b"small"
+        await _access_lines_reach(caplog, 2)
         nursery.cancel_scope.cancel()
-    assert len([r for r in caplog.records if hasattr(r, "access")]) == 2
+    assert len(_access_lines(caplog)) == 2
+
+
+def _access_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if hasattr(r, "access")]
+
+
+async def _access_lines_reach(caplog: pytest.LogCaptureFixture, count: int) -> None:
+    """Wait for the server's access log to reach ``count`` lines, then check it holds no
+    more. The server logs a request once its response has gone out, which may be after
+    the client has read all of it (seen on 6.1), so the line can come a moment later."""
+    with trio.fail_after(60):
+        while len(_access_lines(caplog)) < count:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+    assert len(_access_lines(caplog)) == count
 
 
 async def _redirector(target: str, stream: KTLSStream) -> None:
